@@ -45,8 +45,14 @@ def exact_step_gradients(model: LoopedGPT, ids, targets, reduction="sum") -> tor
     layout = build_layout(model.body, "exact", 0, 0)
     batch = collate(ids, targets, pad_id=model.config.vocab_size - 1)
     result = sketch_batch(
-        model, model.body, model.tau, batch, layout, per_step=True,
-        loss_reduction=reduction, dtype=torch.float64,
+        model,
+        model.body,
+        model.tau,
+        batch,
+        layout,
+        per_step=True,
+        loss_reduction=reduction,
+        dtype=torch.float64,
     )
     return result.sketches, layout
 

@@ -1,0 +1,1 @@
+"""Data movement and scheduling: configuration, storage, stages, Ray actors and the CLI."""

@@ -1,0 +1,180 @@
+"""Typed pipeline configuration, loaded from YAML with omegaconf dotlist overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "parity"  # parity or sudoku
+    n_bits: int = 8  # parity: bits per example
+    targets: str = "running"  # parity: "running" (every position) or "final" (answer only)
+    size: int = 4  # sudoku: grid size (4 or 9)
+    min_givens: int | None = None  # sudoku: stop removing cells at this many givens
+    n_train: int = 256
+    n_test: int = 32
+    seed: int = 0
+    shard_size: int = 128  # examples per Parquet shard
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 1
+    tau: int = 4
+    mlp_ratio: int = 4
+    bias: bool = True
+    causal: bool = True
+
+
+@dataclass
+class TrainConfig:
+    enabled: bool = True
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # Training steps at which checkpoints are saved; empty means `num_checkpoints` evenly
+    # spaced steps ending at `steps`.
+    checkpoint_steps: list[int] = field(default_factory=list)
+    num_checkpoints: int = 4
+    seed: int = 0
+
+
+@dataclass
+class SketchConfig:
+    method: str = "tensorsketch"  # tensorsketch or exact
+    dim: int = 2048  # buckets per parameter tensor
+    seed: int = 0
+    path: str = "auto"  # TensorSketch path: auto, fft or direct
+    dtype: str = "float32"  # storage dtype: float32 or float16
+    loss_reduction: str = "sum"  # per-example loss over target positions: sum or mean
+    batch_size: int = 32
+    autocast: str | None = None  # bfloat16 runs the forward under autocast
+
+
+@dataclass
+class ReduceConfig:
+    topk: int = 10
+    block_size: int = 4096  # train rows per matmul block
+    eta: float | None = None  # one learning rate for every checkpoint instead of the stored ones
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None starts a local Ray instance (or joins RAY_ADDRESS)
+    num_actors: int | None = None  # default: one per GPU, else one per `cpus_per_actor` CPUs
+    cpus_per_actor: int = 1  # CPU threads per actor (torch.set_num_threads) without GPUs
+    num_cpus: int | None = None  # CPUs of the local instance; None lets Ray detect them
+    use_gpu: str = "auto"  # auto, true or false
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from AWS_* env
+    region: str | None = None
+    anon: bool = False
+
+
+@dataclass
+class PipelineConfig:
+    run_name: str = "demo"
+    store: str = "./sdi-store"
+    overwrite: bool = False  # write into a run whose configuration differs
+    stages: list[str] = field(default_factory=lambda: ["prepare", "train", "sketch", "reduce"])
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+    reduce: ReduceConfig = field(default_factory=ReduceConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+STAGES = ("prepare", "train", "sketch", "reduce")
+# Keys that change where or how a run executes but not what it computes; they are left
+# out of the run's configuration fingerprint.
+EXECUTION_KEYS = ("store", "overwrite", "stages", "ray", "storage")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Merge the defaults, a YAML file and `key=value` overrides into a validated config."""
+    merged = OmegaConf.structured(PipelineConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(
+                    f"config file {path} not found; pass a YAML file such as configs/demo.yaml"
+                )
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            for item in overrides:
+                if "=" not in item:
+                    raise ConfigError(f"override {item!r} is not of the form key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration ({path or 'defaults'}): {error}") from error
+    validate(merged)
+    return merged
+
+
+def validate(config: DictConfig) -> None:
+    """Check values that the schema's types cannot express."""
+    choices = {
+        "task.name": ("parity", "sudoku"),
+        "sketch.method": ("tensorsketch", "exact"),
+        "sketch.path": ("auto", "fft", "direct"),
+        "sketch.dtype": ("float32", "float16"),
+        "sketch.loss_reduction": ("sum", "mean"),
+        "ray.use_gpu": ("auto", "true", "false"),
+    }
+    for key, allowed in choices.items():
+        value = OmegaConf.select(config, key)
+        if str(value) not in allowed:
+            raise ConfigError(f"{key}={value!r} is invalid; choose one of {allowed}")
+    for stage in config.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"stages contains {stage!r}; valid stages are {STAGES}")
+    if not config.run_name or "/" in config.run_name:
+        raise ConfigError(f"run_name={config.run_name!r} must be a non-empty name without '/'")
+    positive = (
+        "task.n_train",
+        "task.n_test",
+        "task.shard_size",
+        "sketch.batch_size",
+        "reduce.topk",
+        "reduce.block_size",
+        "ray.cpus_per_actor",
+    )
+    for key in positive:
+        if OmegaConf.select(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(config, key)}")
+    if config.sketch.method == "tensorsketch" and config.sketch.dim < 2:
+        raise ConfigError(f"sketch.dim must be at least 2, got {config.sketch.dim}")
+    if config.sketch.autocast not in (None, "bfloat16", "float16"):
+        raise ConfigError(
+            f"sketch.autocast={config.sketch.autocast!r} is invalid; use null, bfloat16 or float16"
+        )
+
+
+def semantic_config(config: DictConfig) -> dict[str, Any]:
+    """Return the part of the configuration that determines a run's results."""
+    data = OmegaConf.to_container(config, resolve=True)
+    for key in EXECUTION_KEYS:
+        data.pop(key, None)
+    return data

@@ -1,0 +1,281 @@
+"""Reduce stage: sketched inner products for all test/train pairs, per loop step.
+
+For every train shard a Ray task computes, for each checkpoint k,
+eta_k * train_sketch @ test_sketch.T in blocks of train rows (float32 matmul), sums over
+checkpoints in float64, and writes that shard's `scores` and `tracin` parts and its
+top-k candidates. The driver then merges the candidates into `topk`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from omegaconf import DictConfig
+
+from pipeline import fingerprint as fp
+from pipeline.checkpoints import CheckpointInfo, list_checkpoints
+from pipeline.run import Run
+from pipeline.store import Store
+
+logger = logging.getLogger(__name__)
+
+TRACIN_STEP = 0  # `step` value of top-k rows ranked by TracIn (all steps together)
+
+
+class EtaError(ValueError):
+    """A checkpoint's learning rate is missing or invalid."""
+
+
+@dataclass
+class SketchMatrix:
+    """Sketch rows read from Parquet: ids, steps and a dense float32 matrix."""
+
+    example_ids: np.ndarray
+    steps: np.ndarray
+    values: np.ndarray  # (rows, D) float32
+    fingerprint: dict[str, Any]
+    source: str
+
+
+def read_sketches(store: Store, paths: list[str]) -> SketchMatrix:
+    """Read sketch files into one matrix, checking that their fingerprints agree.
+
+    Sketches are read with pyarrow and reshaped from the flat list values, because
+    pandas turns fixed-size lists into object columns.
+    """
+    ids, steps, blocks = [], [], []
+    reference, reference_source = None, None
+    for path in paths:
+        table = store.read_table(path)
+        source = store.display(path)
+        fingerprint = fp.decode(table.schema.metadata or {}, source)
+        if reference is None:
+            reference, reference_source = fingerprint, source
+        else:
+            fp.check_compatible(reference, fingerprint, reference_source, source)
+        column = table.column("sketch").combine_chunks()
+        width = column.type.list_size
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        blocks.append(values.reshape(-1, width))
+        ids.append(table.column("example_id").to_numpy())
+        steps.append(table.column("step").to_numpy())
+    if reference is None:
+        raise FileNotFoundError("no sketch files to read")
+    return SketchMatrix(
+        np.concatenate(ids),
+        np.concatenate(steps),
+        np.concatenate(blocks),
+        reference,
+        reference_source,
+    )
+
+
+def checkpoint_eta(info: CheckpointInfo, override: float | None) -> float:
+    """Return eta_k: the checkpoint's stored learning rate, or the explicit override."""
+    if override is not None:
+        return float(override)
+    if info.lr is None or not np.isfinite(info.lr):
+        raise EtaError(
+            f"checkpoint {info.path} has no valid learning rate (lr={info.lr!r}); add lr to its "
+            "meta.json or pass reduce.eta=VALUE to use one value for every checkpoint"
+        )
+    return float(info.lr)
+
+
+def reduce_train_shard(
+    store_spec: dict,
+    run_name: str,
+    part: int,
+    train_paths: list[str],
+    etas: list[float],
+    topk: int,
+    block_size: int,
+    *tests: SketchMatrix,
+) -> dict[str, Any]:
+    """Score one train shard against every test example, step by step, over all checkpoints.
+
+    `tests` holds one test sketch matrix per checkpoint; they come last so that Ray
+    resolves them from the object store (it resolves only top-level arguments).
+    """
+    import torch
+
+    started = time.perf_counter()
+    store = Store.from_spec(store_spec)
+    run = Run(store, run_name)
+    total = None
+    train_ids = None
+    for path, eta, test in zip(train_paths, etas, tests, strict=True):
+        train = read_sketches(store, [path])
+        fp.check_compatible(test.fingerprint, train.fingerprint, test.source, train.source)
+        if train_ids is None:
+            train_ids = train.example_ids
+        elif not np.array_equal(train_ids, train.example_ids):
+            raise RuntimeError(
+                f"{train.source} lists different train examples than the other checkpoints"
+            )
+        test_matrix = torch.tensor(test.values)  # object-store arrays are read-only
+        train_matrix = torch.tensor(train.values)
+        products = torch.empty(train_matrix.shape[0], test_matrix.shape[0], dtype=torch.float64)
+        for start in range(0, train_matrix.shape[0], block_size):
+            block = train_matrix[start : start + block_size] @ test_matrix.T
+            products[start : start + block_size] = block.double()
+        products *= eta
+        total = products if total is None else total + products
+
+    test = tests[0]
+    test_ids = np.unique(test.example_ids)
+    tau = int(test.steps.max())
+    # Rows of the test matrix are (test_id, step); arrange scores as (train, test, step).
+    order = np.lexsort((test.steps, test.example_ids))
+    scores = total.numpy()[:, order].reshape(len(train_ids), len(test_ids), tau)
+
+    n_train, n_test = len(train_ids), len(test_ids)
+    step_table = pa.table(
+        {
+            "test_id": np.tile(np.repeat(test_ids, tau), n_train),
+            "train_id": np.repeat(train_ids, n_test * tau),
+            "step": np.tile(np.arange(1, tau + 1, dtype=np.int32), n_train * n_test),
+            "score": scores.reshape(-1),
+        }
+    )
+    tracin = scores.sum(axis=2)
+    tracin_table = pa.table(
+        {
+            "test_id": np.tile(test_ids, n_train),
+            "train_id": np.repeat(train_ids, n_test),
+            "score": tracin.reshape(-1),
+        }
+    )
+    metadata = fp.encode(test.fingerprint | {"checkpoints": len(train_paths)})
+    store.write_table(
+        run.rel("scores", f"part-{part:05d}.parquet"), step_table.replace_schema_metadata(metadata)
+    )
+    store.write_table(
+        run.rel("tracin", f"part-{part:05d}.parquet"),
+        tracin_table.replace_schema_metadata(metadata),
+    )
+    candidates = topk_candidates(scores, tracin, train_ids, test_ids, topk)
+    store.write_table(
+        run.rel("_work", "topk", f"part-{part:05d}.parquet"), pa.Table.from_pandas(candidates)
+    )
+    seconds = time.perf_counter() - started
+    run.mark_done("reduce", f"part={part:05d}", {"train_paths": train_paths, "seconds": seconds})
+    logger.info(
+        "run %s reduce part %d: %d train x %d test x %d steps in %.2fs",
+        run_name,
+        part,
+        n_train,
+        n_test,
+        tau,
+        seconds,
+    )
+    return {"part": part, "pairs": n_train * n_test, "seconds": seconds}
+
+
+def topk_candidates(
+    scores: np.ndarray, tracin: np.ndarray, train_ids: np.ndarray, test_ids: np.ndarray, k: int
+) -> pd.DataFrame:
+    """Return the k strongest proponents and opponents per (test, step) within one shard."""
+    frames = []
+    views = [(step + 1, scores[:, :, step]) for step in range(scores.shape[2])]
+    views.append((TRACIN_STEP, tracin))
+    for step, matrix in views:
+        for direction, sign in (("proponent", 1.0), ("opponent", -1.0)):
+            keep = min(k, matrix.shape[0])
+            ranked = np.argsort(-sign * matrix, axis=0, kind="stable")[:keep]  # (keep, n_test)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "test_id": np.tile(test_ids, keep),
+                        "step": step,
+                        "direction": direction,
+                        "train_id": train_ids[ranked].reshape(-1),
+                        "score": np.take_along_axis(matrix, ranked, axis=0).reshape(-1),
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+def merge_topk(candidates: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Keep the k strongest rows per (test_id, step, direction) and number them from 1."""
+    candidates = candidates.copy()
+    candidates["strength"] = np.where(
+        candidates["direction"] == "proponent", candidates["score"], -candidates["score"]
+    )
+    candidates = candidates.sort_values(
+        ["test_id", "step", "direction", "strength", "train_id"],
+        ascending=[True, True, True, False, True],
+    )
+    top = candidates.groupby(["test_id", "step", "direction"], sort=False).head(k).copy()
+    top["rank"] = top.groupby(["test_id", "step", "direction"], sort=False).cumcount() + 1
+    columns = ["test_id", "step", "direction", "rank", "train_id", "score"]
+    return (
+        top[columns]
+        .reset_index(drop=True)
+        .astype({"test_id": "int64", "train_id": "int64", "step": "int32", "rank": "int32"})
+    )
+
+
+def run_reduce(
+    run: Run, config: DictConfig, shards: dict[str, list[str]], ray_module: Any
+) -> dict[str, Any]:
+    """Plan one Ray task per train shard, wait for them, then merge the top-k tables."""
+    checkpoints = list_checkpoints(run)
+    override = config.reduce.get("eta")
+    etas = [checkpoint_eta(info, override) for info in checkpoints]
+    test_parts = len(shards["test"])
+    tests = []
+    for info in checkpoints:
+        paths = [run.sketch_file(info.step, "test", part) for part in range(test_parts)]
+        tests.append(read_sketches(run.store, paths))
+    test_refs = [ray_module.put(test) for test in tests]
+
+    remote = ray_module.remote(num_cpus=1)(reduce_train_shard)
+    futures = []
+    skipped = 0
+    for part in range(len(shards["train"])):
+        if run.is_done("reduce", f"part={part:05d}") and run.store.exists(
+            run.rel("scores", f"part-{part:05d}.parquet")
+        ):
+            skipped += 1
+            continue
+        train_paths = [run.sketch_file(info.step, "train", part) for info in checkpoints]
+        futures.append(
+            remote.remote(
+                run.store.spec(),
+                run.name,
+                part,
+                train_paths,
+                etas,
+                config.reduce.topk,
+                config.reduce.block_size,
+                *test_refs,
+            )
+        )
+    results = ray_module.get(futures)
+
+    parts = run.store.list(run.rel("_work", "topk"), suffix=".parquet")
+    candidates = pd.concat(
+        [run.store.read_table(path).to_pandas() for path in parts], ignore_index=True
+    )
+    topk = merge_topk(candidates, config.reduce.topk)
+    run.store.write_table(
+        run.rel("topk", "part-00000.parquet"), pa.Table.from_pandas(topk, preserve_index=False)
+    )
+    run.store.write_json(
+        run.manifest("reduce"),
+        {
+            "stage": "reduce",
+            "parts": len(shards["train"]),
+            "checkpoints": [c.step for c in checkpoints],
+            "etas": etas,
+        },
+    )
+    return {"parts": len(shards["train"]), "computed": len(results), "skipped": skipped}

@@ -1,0 +1,251 @@
+"""Sketch stage (map): Ray actors stream data shards through each checkpoint.
+
+A work unit is one (checkpoint, split, shard). Its output has a fixed key, written in one
+put, and its marker is written after it; a re-run skips units whose marker matches the
+current fingerprint and redoes the rest, so a killed run resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from operators.batching import collate
+from operators.gradients import build_layout, sketch_batch
+from operators.tasks import make_task
+from pipeline import fingerprint as fp
+from pipeline.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
+from pipeline.data import read_shard
+from pipeline.devices import worker_device
+from pipeline.run import Run
+from pipeline.store import Store
+
+logger = logging.getLogger(__name__)
+
+STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+TRAIN_TOTAL_STEP = 0  # `step` value of a train-side row that holds the sum over steps
+
+
+@dataclass
+class SketchUnit:
+    """One work unit of the sketch stage."""
+
+    checkpoint: int  # training step of the checkpoint
+    checkpoint_path: str
+    checkpoint_hash: str
+    split: str
+    part: int
+    shard: str
+    output: str
+
+    @property
+    def key(self) -> str:
+        return f"checkpoint={self.checkpoint}.split={self.split}.part={self.part:05d}"
+
+
+def sketch_table(
+    example_ids: list[int],
+    sketches: torch.Tensor,
+    losses: torch.Tensor,
+    finite: torch.Tensor,
+    per_step: bool,
+    dtype: str,
+    fingerprint: dict[str, Any],
+) -> pa.Table:
+    """Build the Parquet table of one shard: a row per (example_id, step)."""
+    count, rows, dim = sketches.shape
+    steps = np.arange(1, rows + 1) if per_step else np.array([TRAIN_TOTAL_STEP])
+    flat = sketches.detach().to(torch.float32).cpu().numpy().reshape(-1)
+    values = pa.array(flat.astype(np.float16 if dtype == "float16" else np.float32))
+    table = pa.table(
+        {
+            "example_id": pa.array(np.repeat(np.asarray(example_ids, np.int64), rows)),
+            "step": pa.array(np.tile(steps, count).astype(np.int32)),
+            "loss": pa.array(np.repeat(losses.detach().cpu().double().numpy(), rows)),
+            "finite": pa.array(np.repeat(finite.cpu().numpy(), rows)),
+            "sketch": pa.FixedSizeListArray.from_arrays(values, dim),
+        }
+    )
+    return table.replace_schema_metadata(fp.encode(fingerprint))
+
+
+class SketchWorker:
+    """Holds one device and the most recent checkpoint; turns units into sketch files."""
+
+    def __init__(self, store_spec: dict, config: dict, use_gpu: bool, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.store = Store.from_spec(store_spec)
+        self.config = OmegaConf.create(config)
+        self.run = Run(self.store, self.config.run_name)
+        self.device = worker_device(use_gpu)
+        self.task = make_task(self.config.task)
+        self._loaded: tuple[str, Any, Any] | None = None
+
+    def _model(self, unit: SketchUnit):
+        if self._loaded is None or self._loaded[0] != unit.checkpoint_hash:
+            info = CheckpointInfo(
+                unit.checkpoint, None, unit.checkpoint_hash, unit.checkpoint_path, {}
+            )
+            meta = self.store.read_json(f"{unit.checkpoint_path}/meta.json")
+            info.model_config = meta["model_config"]
+            model = load_checkpoint(self.run, info, self.device)
+            sketch = self.config.sketch
+            layout = build_layout(model.body, sketch.method, sketch.dim, sketch.seed, sketch.path)
+            self._loaded = (unit.checkpoint_hash, model, layout)
+            logger.info(
+                "run %s: loaded checkpoint %d on %s", self.run.name, unit.checkpoint, self.device
+            )
+        return self._loaded[1], self._loaded[2]
+
+    def process(self, unit_fields: dict) -> dict:
+        unit = SketchUnit(**unit_fields)
+        started = time.perf_counter()
+        model, layout = self._model(unit)
+        sketch = self.config.sketch
+        shard = read_shard(
+            self.store, unit.shard, model.config.vocab_size, model.config.context_length
+        )
+        per_step = unit.split == "test"
+        autocast = getattr(torch, sketch.autocast) if sketch.autocast else None
+
+        parts, losses, finite = [], [], []
+        for start in range(0, len(shard), sketch.batch_size):
+            batch = collate(
+                shard.input_ids[start : start + sketch.batch_size],
+                shard.targets[start : start + sketch.batch_size],
+                self.task.pad_id,
+            ).to(self.device)
+            result = sketch_batch(
+                model,
+                model.body,
+                model.tau,
+                batch,
+                layout,
+                per_step,
+                sketch.loss_reduction,
+                autocast_dtype=autocast,
+            )
+            parts.append(result.sketches.cpu())
+            losses.append(result.losses.cpu())
+            finite.append(result.finite.cpu())
+
+        bad = [
+            i for i, ok in zip(shard.example_ids, torch.cat(finite).tolist(), strict=True) if not ok
+        ]
+        if bad:
+            logger.warning(
+                "run %s checkpoint %d shard %s: non-finite loss for example ids %s; their "
+                "sketches are zero and flagged finite=False",
+                self.run.name,
+                unit.checkpoint,
+                unit.shard,
+                bad[:10],
+            )
+        fingerprint = fp.sketch_fingerprint(
+            layout,
+            model.config.to_dict(),
+            unit.checkpoint_hash,
+            sketch.loss_reduction,
+            sketch.dtype,
+            model.tau,
+        )
+        table = sketch_table(
+            shard.example_ids,
+            torch.cat(parts),
+            torch.cat(losses),
+            torch.cat(finite),
+            per_step,
+            sketch.dtype,
+            fingerprint,
+        )
+        self.store.write_table(unit.output, table)
+        seconds = time.perf_counter() - started
+        record = {
+            "output": unit.output,
+            "rows": table.num_rows,
+            "examples": len(shard),
+            "seconds": seconds,
+            "fingerprint": fingerprint,
+            "non_finite": bad,
+        }
+        self.run.mark_done("sketch", unit.key, record)
+        logger.info(
+            "run %s checkpoint %d %s part %d: %d examples in %.2fs",
+            self.run.name,
+            unit.checkpoint,
+            unit.split,
+            unit.part,
+            len(shard),
+            seconds,
+        )
+        return {"key": unit.key, "examples": len(shard), "seconds": seconds}
+
+
+def plan_units(
+    run: Run, checkpoints: list[CheckpointInfo], shards: dict[str, list[str]]
+) -> list[SketchUnit]:
+    """List every (checkpoint, split, shard) unit, checkpoint-major so actors reuse a loaded model."""
+    units = []
+    for info in checkpoints:
+        for split in ("test", "train"):
+            for part, shard in enumerate(shards[split]):
+                units.append(
+                    SketchUnit(
+                        checkpoint=info.step,
+                        checkpoint_path=info.path,
+                        checkpoint_hash=info.content_hash,
+                        split=split,
+                        part=part,
+                        shard=shard,
+                        output=run.sketch_file(info.step, split, part),
+                    )
+                )
+    return units
+
+
+def pending_units(run: Run, units: list[SketchUnit], config: DictConfig) -> list[SketchUnit]:
+    """Drop the units whose marker records the same output and checkpoint hash."""
+    pending = []
+    for unit in units:
+        marker = run.marker("sketch", unit.key)
+        if run.store.exists(marker) and run.store.exists(unit.output):
+            record = run.store.read_json(marker)
+            fingerprint = record.get("fingerprint", {})
+            if (
+                fingerprint.get("checkpoint_hash") == unit.checkpoint_hash
+                and fingerprint.get("sketch_dim") == config.sketch.dim
+                and fingerprint.get("sketch_method") == config.sketch.method
+                and fingerprint.get("sketch_seed") == config.sketch.seed
+            ):
+                continue
+        pending.append(unit)
+    return pending
+
+
+def run_sketch(
+    run: Run, config: DictConfig, shards: dict[str, list[str]], pool: Any
+) -> dict[str, Any]:
+    """Sketch every pending unit on the actor pool and write the stage manifest last."""
+    checkpoints = list_checkpoints(run)
+    if not checkpoints:
+        raise RuntimeError(
+            f"run {run.name}: no checkpoints under {run.url('checkpoints')}; run the train stage first"
+        )
+    units = plan_units(run, checkpoints, shards)
+    pending = pending_units(run, units, config)
+    logger.info("run %s: sketch stage has %d units, %d pending", run.name, len(units), len(pending))
+    results = pool.map([asdict(unit) for unit in pending]) if pending else []
+    manifest = {
+        "stage": "sketch",
+        "units": [unit.key for unit in units],
+        "checkpoints": [info.step for info in checkpoints],
+    }
+    run.store.write_json(run.manifest("sketch"), manifest)
+    return {"units": len(units), "computed": len(results)}
