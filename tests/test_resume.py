@@ -231,3 +231,26 @@ def test_another_run_reuses_train_sketches(reference, ray_session) -> None:
 
     assert summary["sketch"] == {"units": UNITS, "computed": 2, "reused": UNITS - 2}
     pd.testing.assert_frame_equal(sorted_scores(open_run(sibling)), sorted_scores(run))
+
+
+def test_corrupt_shard_fails_its_unit_and_keeps_finished_work(reference, tmp_path, ray_session):
+    config, run, _ = reference
+    copy_prepared(run, tmp_path, "corrupt")
+    shard = tmp_path / "corrupt" / "data" / "train" / "part-00002.parquet"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])
+    corrupt = tiny_config(tmp_path, "run_name=corrupt", "ray.num_actors=1")
+
+    with pytest.raises(Exception, match=r"train/part-00002\.parquet is corrupt or truncated"):
+        run_pipeline(corrupt)
+
+    markers = tmp_path / "corrupt" / "_manifests" / "sketch"
+    finished = {path.name: path.read_bytes() for path in markers.glob("*.json")}
+    assert finished  # units before the bad shard are kept
+    shard.write_bytes(intact)
+    summary = run_pipeline(corrupt)
+
+    assert summary["sketch"]["computed"] == UNITS - len(finished)
+    for name, data in finished.items():
+        assert (markers / name).read_bytes() == data
+    pd.testing.assert_frame_equal(sorted_scores(open_run(corrupt)), sorted_scores(run))
