@@ -44,10 +44,10 @@ def add_examples(run: Run, split: str, examples: pa.Table) -> str:
     existing: set[int] = set()
     for path in shards["train"] + shards["test"]:
         existing.update(run.store.read_table(path, columns=["example_id"]).column(0).to_pylist())
-    taken = sorted(existing.intersection(new_ids))
-    if taken:
+    duplicates = sorted(existing.intersection(new_ids))
+    if duplicates:
         raise DataError(
-            f"example ids {taken[:5]} are already in run {run.name}; give new examples new ids"
+            f"example ids {duplicates[:5]} are already in run {run.name}; give new examples new ids"
         )
 
     path = run.data_shard(split, len(shards[split]))

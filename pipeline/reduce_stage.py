@@ -245,11 +245,6 @@ def run_reduce(
     checkpoints = list_checkpoints(run)
     override = config.reduce.get("eta")
     etas = [checkpoint_eta(info, override) for info in checkpoints]
-    test_parts = len(shards["test"])
-    tests = []
-    for info in checkpoints:
-        paths = [run.sketch_file(info.step, "test", part) for part in range(test_parts)]
-        tests.append(read_sketches(run.store, paths))
     inputs = reduce_inputs(run, config, checkpoints, etas, shards)
     manifest = run.manifest("reduce")
     topk_path = run.rel("topk", "part-00000.parquet")
@@ -265,6 +260,11 @@ def run_reduce(
         logger.info("run %s: reduce already complete for these inputs, skipping", run.name)
         parts = len(shards["train"])
         return {"parts": parts, "computed": 0, "skipped": parts}
+    test_parts = len(shards["test"])
+    tests = []
+    for info in checkpoints:
+        paths = [run.sketch_file(info.step, "test", part) for part in range(test_parts)]
+        tests.append(read_sketches(run.store, paths))
     test_refs = [ray_module.put(test) for test in tests]
 
     remote = ray_module.remote(num_cpus=1)(reduce_train_shard)

@@ -1,6 +1,6 @@
 """Retries with exponential backoff for storage calls that fail for a passing reason.
 
-Object stores drop connections, time out and answer 500/503 ("SlowDown") under load; those
+Object stores drop connections, time out and return 500/503 ("SlowDown") under load; those
 calls are worth repeating. A missing key, a denied request or a corrupt file is not: it
 fails at once so that the work unit that needs it fails with the key named.
 """

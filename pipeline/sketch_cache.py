@@ -24,6 +24,8 @@ from pipeline.store import Store, StoreError
 
 logger = logging.getLogger(__name__)
 
+# NOTE: each cached train sketch is stored twice (here and in its run), and nothing prunes
+# entries of checkpoints no run uses any more.
 CACHE_FOLDER = "_sketch_cache"
 # Sketch settings that change a sketch's bytes. Batch size is included because floating
 # point sums over a batch may round differently; the guarantee is byte-identical output.
@@ -56,7 +58,7 @@ def cache_path(key: str) -> str:
 def restore(store: Store, key: str, output: str, examples: int) -> pa.Table | None:
     """Copy a cached sketch file to `output` and return its table, or None on a miss.
 
-    A cached file that is unreadable or holds the wrong number of examples is ignored
+    A cached file that is unreadable or contains the wrong number of examples is ignored
     (and later overwritten) rather than trusted.
     """
     path = cache_path(key)
