@@ -81,13 +81,20 @@ class RayConfig:
     cpus_per_actor: int = 1  # CPU threads per actor (torch.set_num_threads) without GPUs
     num_cpus: int | None = None  # CPUs of the local instance; None lets Ray detect them
     use_gpu: str = "auto"  # auto, true or false
+    # Restarts of a sketch actor whose process dies; its unit is retried on the new process.
+    actor_restarts: int = 3
 
 
 @dataclass
 class StorageConfig:
-    endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from AWS_* env
+    # S3-compatible endpoint. Credentials are never configuration: they come from the
+    # AWS_* environment variables, `profile` or the instance role (see README).
+    endpoint_url: str | None = None
     region: str | None = None
+    profile: str | None = None  # a named profile of ~/.aws/credentials
     anon: bool = False
+    retries: int = 5  # attempts per storage call for transient errors
+    retry_backoff: float = 0.5  # seconds before the first retry; doubles each attempt
 
 
 @dataclass

@@ -37,6 +37,8 @@ def read_shard(store: Store, path: str, vocab_size: int, context_length: int) ->
     missing = {"example_id", "input_ids", "targets"} - set(table.column_names)
     if missing:
         raise DataError(f"data shard {display} lacks columns {sorted(missing)}")
+    if table.num_rows == 0:
+        raise DataError(f"data shard {display} has no examples; remove it or add examples")
 
     shard = Shard(
         path=path,

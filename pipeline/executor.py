@@ -47,7 +47,12 @@ class SketchPool:
             count = max(1, cpus // ray_config.cpus_per_actor)
         resources = actor_resources(self.gpu, ray_config.cpus_per_actor)
         threads = 1 if self.gpu else ray_config.cpus_per_actor
-        remote_class = ray.remote(worker_class).options(**resources)
+        # A unit is idempotent (fixed output key, one put, marker last), so when an actor's
+        # process dies Ray restarts it and re-sends the unit it was working on.
+        restarts = int(ray_config.get("actor_restarts", 3))
+        remote_class = ray.remote(worker_class).options(
+            **resources, max_restarts=restarts, max_task_retries=restarts
+        )
         self.actors = [
             remote_class.remote(store_spec, config, self.gpu, threads) for _ in range(count)
         ]

@@ -8,6 +8,8 @@ top-k candidates. The driver then merges the candidates into `topk`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
 
+ARROW_DTYPES = {"halffloat": "float16", "float": "float32", "double": "float64"}
 TRACIN_STEP = 0  # `step` value of top-k rows ranked by TracIn (all steps together)
 
 
@@ -61,6 +64,13 @@ def read_sketches(store: Store, paths: list[str]) -> SketchMatrix:
             fp.check_compatible(reference, fingerprint, reference_source, source)
         column = table.column("sketch").combine_chunks()
         width = column.type.list_size
+        stored = ARROW_DTYPES.get(str(column.type.value_type), str(column.type.value_type))
+        if width != fingerprint.get("total_dim") or stored != fingerprint.get("dtype"):
+            raise fp.FingerprintMismatchError(
+                f"{source} stores {stored} sketches of dimension {width}, but its fingerprint "
+                f"says {fingerprint.get('dtype')} of dimension {fingerprint.get('total_dim')}; "
+                "re-run the sketch stage for this file"
+            )
         values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         blocks.append(values.reshape(-1, width))
         ids.append(table.column("example_id").to_numpy())
@@ -96,6 +106,7 @@ def reduce_train_shard(
     etas: list[float],
     topk: int,
     block_size: int,
+    inputs: str,
     *tests: SketchMatrix,
 ) -> dict[str, Any]:
     """Score one train shard against every test example, step by step, over all checkpoints.
@@ -165,7 +176,11 @@ def reduce_train_shard(
         run.rel("_work", "topk", f"part-{part:05d}.parquet"), pa.Table.from_pandas(candidates)
     )
     seconds = time.perf_counter() - started
-    run.mark_done("reduce", f"part={part:05d}", {"train_paths": train_paths, "seconds": seconds})
+    run.mark_done(
+        "reduce",
+        f"part={part:05d}",
+        {"train_paths": train_paths, "inputs": inputs, "seconds": seconds},
+    )
     logger.info(
         "run %s reduce part %d: %d train x %d test x %d steps in %.2fs",
         run_name,
@@ -230,6 +245,21 @@ def run_reduce(
     checkpoints = list_checkpoints(run)
     override = config.reduce.get("eta")
     etas = [checkpoint_eta(info, override) for info in checkpoints]
+    inputs = reduce_inputs(run, config, checkpoints, etas, shards)
+    manifest = run.manifest("reduce")
+    topk_path = run.rel("topk", "part-00000.parquet")
+    parts_done = all(
+        run.is_done("reduce", f"part={part:05d}", {"inputs": inputs})
+        for part in range(len(shards["train"]))
+    )
+    if (
+        parts_done
+        and run.is_done("reduce", "topk", {"inputs": inputs})
+        and run.store.exists(topk_path)
+    ):
+        logger.info("run %s: reduce already complete for these inputs, skipping", run.name)
+        parts = len(shards["train"])
+        return {"parts": parts, "computed": 0, "skipped": parts}
     test_parts = len(shards["test"])
     tests = []
     for info in checkpoints:
@@ -241,7 +271,7 @@ def run_reduce(
     futures = []
     skipped = 0
     for part in range(len(shards["train"])):
-        if run.is_done("reduce", f"part={part:05d}") and run.store.exists(
+        if run.is_done("reduce", f"part={part:05d}", {"inputs": inputs}) and run.store.exists(
             run.rel("scores", f"part-{part:05d}.parquet")
         ):
             skipped += 1
@@ -256,6 +286,7 @@ def run_reduce(
                 etas,
                 config.reduce.topk,
                 config.reduce.block_size,
+                inputs,
                 *test_refs,
             )
         )
@@ -266,16 +297,77 @@ def run_reduce(
         [run.store.read_table(path).to_pandas() for path in parts], ignore_index=True
     )
     topk = merge_topk(candidates, config.reduce.topk)
-    run.store.write_table(
-        run.rel("topk", "part-00000.parquet"), pa.Table.from_pandas(topk, preserve_index=False)
-    )
+    run.store.write_table(topk_path, pa.Table.from_pandas(topk, preserve_index=False))
+    flagged = write_flagged(run, checkpoints, shards)
+    run.mark_done("reduce", "topk", {"inputs": inputs})
     run.store.write_json(
-        run.manifest("reduce"),
+        manifest,
         {
             "stage": "reduce",
             "parts": len(shards["train"]),
             "checkpoints": [c.step for c in checkpoints],
             "etas": etas,
+            "inputs": inputs,
+            "flagged": flagged,
         },
     )
     return {"parts": len(shards["train"]), "computed": len(results), "skipped": skipped}
+
+
+def reduce_inputs(
+    run: Run,
+    config: DictConfig,
+    checkpoints: list[CheckpointInfo],
+    etas: list[float],
+    shards: dict[str, list[str]],
+) -> str:
+    """Return a digest of everything a reduce part depends on besides its own train shard.
+
+    A new checkpoint, a new test shard, another eta or another top-k changes the digest,
+    so the parts written for the old inputs are recomputed instead of skipped.
+    """
+    payload = {
+        "checkpoints": [[info.step, info.content_hash] for info in checkpoints],
+        "etas": etas,
+        "test_shards": list(shards["test"]),
+        "train_shards": list(shards["train"]),
+        "topk": config.reduce.topk,
+        "sketch": {key: config.sketch.get(key) for key in config.sketch},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+FLAGGED_SCHEMA = pa.schema(
+    [("example_id", pa.int64()), ("split", pa.string()), ("checkpoint", pa.int64())]
+)
+
+
+def write_flagged(run: Run, checkpoints: list[CheckpointInfo], shards: dict[str, list[str]]) -> int:
+    """Write `flagged/`: one row per (example, checkpoint) whose loss was NaN or infinite.
+
+    Such an example's sketch is zero, so its scores are zero; every other score is
+    unaffected. The rows come from the sketch stage's unit markers.
+    """
+    rows: dict[str, list] = {"example_id": [], "split": [], "checkpoint": []}
+    for info in checkpoints:
+        for split in ("test", "train"):
+            for part in range(len(shards[split])):
+                unit = f"checkpoint={info.step}.split={split}.part={part:05d}"
+                marker = run.marker("sketch", unit)
+                if not run.store.exists(marker):
+                    continue
+                for example_id in run.store.read_json(marker).get("non_finite", []):
+                    rows["example_id"].append(int(example_id))
+                    rows["split"].append(split)
+                    rows["checkpoint"].append(info.step)
+    if rows["example_id"]:
+        logger.warning(
+            "run %s: %d (example, checkpoint) pairs had a non-finite loss; see %s",
+            run.name,
+            len(rows["example_id"]),
+            run.url("flagged"),
+        )
+    run.store.write_table(
+        run.rel("flagged", "part-00000.parquet"), pa.table(rows, schema=FLAGGED_SCHEMA)
+    )
+    return len(rows["example_id"])

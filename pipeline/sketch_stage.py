@@ -7,6 +7,7 @@ current fingerprint and redoes the rest, so a killed run resumes without duplica
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +23,7 @@ from operators.batching import collate
 from operators.gradients import build_layout, sketch_batch
 from operators.tasks import make_task
 from pipeline import fingerprint as fp
+from pipeline import sketch_cache
 from pipeline.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
 from pipeline.data import read_shard
 from pipeline.devices import worker_device
@@ -104,9 +107,57 @@ class SketchWorker:
             )
         return self._loaded[1], self._loaded[2]
 
+    def _restore_cached(self, unit: SketchUnit, started: float) -> dict | None:
+        """Copy a train unit's sketch from the store's cache; None when it is not there."""
+        if unit.split != "train":
+            return None
+        meta = self.store.read_json(f"{unit.checkpoint_path}/meta.json")
+        shard_bytes = self.store.read_bytes(unit.shard)
+        self._cache_key = sketch_cache.cache_key(
+            unit.checkpoint_hash,
+            meta["model_config"],
+            shard_bytes,
+            self.config.sketch,
+            unit.split,
+        )
+        try:
+            examples = pq.read_metadata(io.BytesIO(shard_bytes)).num_rows
+        except (pa.ArrowInvalid, OSError):
+            return None  # the compute path reads the shard and names the file
+        table = sketch_cache.restore(self.store, self._cache_key, unit.output, examples)
+        if table is None:
+            return None
+        seconds = time.perf_counter() - started
+        fingerprint = fp.decode(table.schema.metadata or {}, self.store.display(unit.output))
+        finite = table.column("finite").to_pylist()
+        ids = table.column("example_id").to_pylist()
+        record = {
+            "output": unit.output,
+            "rows": table.num_rows,
+            "examples": examples,
+            "seconds": seconds,
+            "fingerprint": fingerprint,
+            "non_finite": sorted({i for i, ok in zip(ids, finite, strict=True) if not ok}),
+            "cache_key": self._cache_key,
+            "cached": True,
+        }
+        self.run.mark_done("sketch", unit.key, record)
+        logger.info(
+            "run %s checkpoint %d train part %d: reused cached sketch %s",
+            self.run.name,
+            unit.checkpoint,
+            unit.part,
+            self._cache_key[:16],
+        )
+        return {"key": unit.key, "examples": examples, "seconds": seconds, "cached": True}
+
     def process(self, unit_fields: dict) -> dict:
         unit = SketchUnit(**unit_fields)
         started = time.perf_counter()
+        self._cache_key = None
+        cached = self._restore_cached(unit, started)
+        if cached is not None:
+            return cached
         model, layout = self._model(unit)
         sketch = self.config.sketch
         shard = read_shard(
@@ -166,6 +217,8 @@ class SketchWorker:
             fingerprint,
         )
         self.store.write_table(unit.output, table)
+        if self._cache_key is not None:
+            sketch_cache.save(self.store, self._cache_key, table)
         seconds = time.perf_counter() - started
         record = {
             "output": unit.output,
@@ -174,6 +227,8 @@ class SketchWorker:
             "seconds": seconds,
             "fingerprint": fingerprint,
             "non_finite": bad,
+            "cache_key": self._cache_key,
+            "cached": False,
         }
         self.run.mark_done("sketch", unit.key, record)
         logger.info(
@@ -185,7 +240,7 @@ class SketchWorker:
             len(shard),
             seconds,
         )
-        return {"key": unit.key, "examples": len(shard), "seconds": seconds}
+        return {"key": unit.key, "examples": len(shard), "seconds": seconds, "cached": False}
 
 
 def plan_units(
@@ -223,6 +278,8 @@ def pending_units(run: Run, units: list[SketchUnit], config: DictConfig) -> list
                 and fingerprint.get("sketch_dim") == config.sketch.dim
                 and fingerprint.get("sketch_method") == config.sketch.method
                 and fingerprint.get("sketch_seed") == config.sketch.seed
+                and fingerprint.get("dtype") == config.sketch.dtype
+                and fingerprint.get("loss_reduction") == config.sketch.loss_reduction
             ):
                 continue
         pending.append(unit)
@@ -238,6 +295,7 @@ def run_sketch(
         raise RuntimeError(
             f"run {run.name}: no checkpoints under {run.url('checkpoints')}; run the train stage first"
         )
+    warn_duplicate_checkpoints(run, checkpoints)
     units = plan_units(run, checkpoints, shards)
     pending = pending_units(run, units, config)
     logger.info("run %s: sketch stage has %d units, %d pending", run.name, len(units), len(pending))
@@ -248,4 +306,22 @@ def run_sketch(
         "checkpoints": [info.step for info in checkpoints],
     }
     run.store.write_json(run.manifest("sketch"), manifest)
-    return {"units": len(units), "computed": len(results)}
+    reused = sum(1 for result in results if result.get("cached"))
+    return {"units": len(units), "computed": len(results) - reused, "reused": reused}
+
+
+def warn_duplicate_checkpoints(run: Run, checkpoints: list[CheckpointInfo]) -> None:
+    """Warn when two checkpoints hold identical weights: TracIn then counts them twice."""
+    seen: dict[str, int] = {}
+    for info in checkpoints:
+        if info.content_hash in seen:
+            logger.warning(
+                "run %s: checkpoints step=%d and step=%d have identical content (hash %s); "
+                "both enter the sum over checkpoints. Remove one unless that is intended",
+                run.name,
+                seen[info.content_hash],
+                info.step,
+                info.content_hash[:12],
+            )
+        else:
+            seen[info.content_hash] = info.step

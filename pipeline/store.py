@@ -4,6 +4,12 @@ Every file is written in a single put: local files go to a temporary name in the
 folder and are renamed into place, S3 objects are uploaded in one request (or one
 multipart upload). A reader therefore sees a file whole or not at all, and a retried work
 unit overwrites its file instead of duplicating it.
+
+Every call to the filesystem goes through `pipeline.retry.with_retries`: transient errors
+(dropped connections, timeouts, throttling) are retried with backoff and logged; permanent
+ones raise StoreError naming the file. Credentials never pass through this module: s3fs
+and botocore read them from the AWS environment variables, a named profile or the
+instance role, so they cannot end up in a spec, a log line or a stored file.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.retry import with_retries
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,15 +34,24 @@ class StoreError(RuntimeError):
     """A file in the store is missing, unreadable or corrupt."""
 
 
+# Part size of multipart uploads: s3fs uploads an object of two parts or more in parts of
+# this size and smaller ones in a single PUT (S3 requires parts of at least 5 MiB).
+MULTIPART_CHUNK = 8 * 2**20
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF = 0.5
+
+
 def storage_options(url: str, storage: Any | None) -> dict[str, Any]:
     """Return fsspec options for a store URL; credentials stay in the environment."""
-    if not url.startswith("s3://") or storage is None:
+    if not url.startswith("s3://"):
         return {}
+    storage = storage if storage is not None else {}
     options: dict[str, Any] = {}
-    endpoint = storage.get("endpoint_url") if hasattr(storage, "get") else None
-    region = storage.get("region") if hasattr(storage, "get") else None
+    endpoint = storage.get("endpoint_url")
+    region = storage.get("region")
     if endpoint:
         options["endpoint_url"] = endpoint
+    if endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
         # botocore's default checksums break some S3-compatible stores.
         options["config_kwargs"] = {
             "request_checksum_calculation": "when_required",
@@ -42,6 +59,8 @@ def storage_options(url: str, storage: Any | None) -> dict[str, Any]:
         }
     if region:
         options.setdefault("client_kwargs", {})["region_name"] = region
+    if storage.get("profile"):
+        options["profile"] = storage["profile"]
     if storage.get("anon"):
         options["anon"] = True
     return options
@@ -54,6 +73,9 @@ class Store:
         self.url = url.rstrip("/")
         self.storage = dict(storage) if storage is not None else {}
         self.options = storage_options(self.url, self.storage)
+        self.retries = int(self.storage.get("retries") or DEFAULT_RETRIES)
+        backoff = self.storage.get("retry_backoff")
+        self.backoff = float(DEFAULT_BACKOFF if backoff is None else backoff)
         self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         self.root = root.rstrip("/")
         self.is_local = (
@@ -79,17 +101,41 @@ class Store:
             return self.path(relative)
         return f"{self.url}/{relative}" if relative else self.url
 
+    def _call(self, action: str, relative: str, call):
+        """Run one filesystem call with retries; a permanent failure names the file."""
+        what = f"{action} {self.display(relative)}"
+        try:
+            return with_retries(call, what, self.retries, self.backoff)
+        except (StoreError, FileNotFoundError):
+            raise
+        except Exception as error:
+            raise StoreError(
+                f"{what} failed ({type(error).__name__}: {error}); check the store's "
+                "permissions and endpoint, then re-run: finished work units are kept"
+            ) from error
+
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
+        target = self.path(relative)
+
+        def check() -> bool:
+            if not self.is_local:
+                self.fs.invalidate_cache(target)
+            return self.fs.exists(target)
+
+        return self._call("checking", relative, check)
 
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Return the relative paths of files under `prefix` ending in `suffix`, sorted."""
         base = self.path(prefix)
-        if not self.fs.exists(base):
-            return []
-        found = self.fs.find(base)
+
+        def find() -> list[str]:
+            if not self.fs.exists(base):
+                return []
+            self.fs.invalidate_cache(base)
+            return self.fs.find(base)
+
         relative = []
-        for item in found:
+        for item in self._call("listing", prefix, find):
             name = item[len(self.root) + 1 :] if item.startswith(self.root) else item
             if name.endswith(suffix) and ".tmp-" not in name:
                 relative.append(name)
@@ -98,17 +144,24 @@ class Store:
     def write_bytes(self, relative: str, data: bytes) -> None:
         target = self.path(relative)
         if self.is_local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-            os.replace(temporary, target)
+
+            def put() -> None:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+                with open(temporary, "wb") as handle:
+                    handle.write(data)
+                os.replace(temporary, target)
+
         else:
-            self.fs.pipe_file(target, data)
+
+            def put() -> None:
+                self.fs.pipe_file(target, data, chunksize=MULTIPART_CHUNK)
+
+        self._call("writing", relative, put)
 
     def read_bytes(self, relative: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path(relative))
+            return self._call("reading", relative, lambda: self.fs.cat_file(self.path(relative)))
         except FileNotFoundError as error:
             raise StoreError(f"file {self.display(relative)} not found") from error
 
@@ -150,5 +203,10 @@ class Store:
 
     def delete(self, relative: str, recursive: bool = False) -> None:
         target = self.path(relative)
-        if self.fs.exists(target):
-            self.fs.rm(target, recursive=recursive)
+
+        def remove() -> None:
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=recursive)
+            self.fs.invalidate_cache(target)
+
+        self._call("deleting", relative, remove)
