@@ -6,7 +6,6 @@ from a single file, also when copied out of an S3 store.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import logging
@@ -16,20 +15,20 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from pipeline.analysis.command import REPORT_NAME
 from pipeline.analysis.plots import (
     plot_peak_histogram,
     plot_step_heatmap,
     plot_trajectories,
     to_png,
 )
-from pipeline.analysis.query import WEIGHTS, peak_steps, top_influences, trajectory
-from pipeline.analysis.results import RunResults, open_results
+from pipeline.analysis.query import peak_steps, top_influences, trajectory
+from pipeline.analysis.results import RunResults
 from pipeline.analysis.sketches import self_influence
 from pipeline.reduce_stage import TRACIN_STEP
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "report.html"
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
        max-width: 70em; color: #222; line-height: 1.4; padding: 0 1em; }
@@ -218,68 +217,3 @@ def write_report(results: RunResults, output: str | Path | None = None, **option
     relative = results.run.rel(REPORT_NAME)
     results.run.store.write_bytes(relative, page)
     return results.run.store.display(relative)
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "run",
-        help="the run folder <store>/<run_name> (for example sdi-store/demo or "
-        "s3://bucket/prefix/demo), or a YAML configuration whose run to report",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides when RUN is a configuration file"
-    )
-    parser.add_argument("--output", help=f"local HTML file (default: <run>/{REPORT_NAME})")
-    parser.add_argument(
-        "--tests", type=int, default=3, help="test examples to show in detail (default: 3)"
-    )
-    parser.add_argument(
-        "--test-id",
-        type=int,
-        action="append",
-        dest="test_ids",
-        help="a test example to show in detail; repeat for several (overrides --tests)",
-    )
-    parser.add_argument(
-        "--top", type=int, default=10, help="proponents and opponents per table (default: 10)"
-    )
-    parser.add_argument(
-        "--weight",
-        choices=WEIGHTS,
-        default="abs",
-        help="influence mass for peak steps: abs sums |I_t|, positive sums max(I_t, 0)",
-    )
-    parser.add_argument(
-        "--endpoint-url", help="S3-compatible endpoint of the store (credentials from AWS_*)"
-    )
-
-
-def open_report_run(args: argparse.Namespace) -> RunResults:
-    """Open the run named on the command line, by folder URL or by configuration file."""
-    if args.run.endswith((".yaml", ".yml")) and Path(args.run).is_file():
-        from pipeline.config import load_config
-        from pipeline.runner import open_run
-
-        return RunResults(open_run(load_config(args.run, list(args.overrides))))
-    if args.overrides:
-        raise ValueError(
-            f"overrides {args.overrides} need a configuration file, but {args.run!r} is a run "
-            "folder; pass CONFIG key=value ... or drop the overrides"
-        )
-    storage = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
-    return open_results(args.run, storage)
-
-
-def report_command(args: argparse.Namespace) -> str:
-    """Run `sdi report` and return where the page was written."""
-    if args.tests < 1 or args.top < 1:
-        raise ValueError(f"--tests and --top must be at least 1, got {args.tests} and {args.top}")
-    results = open_report_run(args)
-    return write_report(
-        results,
-        args.output,
-        test_ids=args.test_ids,
-        count=args.tests,
-        k=args.top,
-        weight=args.weight,
-    )

@@ -188,3 +188,8 @@ def open_results(url: str, storage: dict[str, Any] | None = None) -> RunResults:
     """
     store_url, run_name = split_run_url(url)
     return RunResults(Run(Store(store_url, storage), run_name))
+
+
+def run_counts(run: Run) -> dict[str, int]:
+    """Return the sizes of a run for the CLI's closing summary (see `RunResults.counts`)."""
+    return RunResults(run).counts()

@@ -58,11 +58,11 @@ def self_influence(
 
     The sketched squared norm has no bias: E||S(g)||^2 = ||g||^2 for CountSketch and
     TensorSketch, because the cross terms g_i g_j s_i s_j of colliding coordinates have
-    random signs with mean zero. What it has is variance, about 2||g||^4 / m for m
-    buckets, so the relative error per tensor is near sqrt(2/m) (3% at m=2048). Its
-    square, and the maximum of many such estimates, are biased upward, so the top of the
-    ranking overstates its values a little. Exact mode (`sketch.method=exact`) has no
-    error at all.
+    random signs with mean zero. What it has is variance: the relative standard error
+    per tensor is about sqrt(2/m) for m buckets with CountSketch (3% at m=2048) and a
+    little more with TensorSketch. The maximum of many such estimates is biased upward,
+    so the top of the ranking overstates its values a little. Exact mode
+    (`sketch.method=exact`) has no error at all.
     """
     selected = results.select_checkpoints(checkpoints)
     units = [
