@@ -37,6 +37,7 @@ from pipeline.analysis.report import write_report
 from pipeline.analysis.results import split_run_url
 from pipeline.checkpoints import list_checkpoints, load_checkpoint
 from pipeline.runner import open_run, run_pipeline
+from pipeline.store import Store
 from tests.oracle import unrolled_step_gradients
 from tests.test_pipeline_e2e import as_long, tiny_config
 
@@ -484,3 +485,62 @@ def test_progress_switch(monkeypatch, ray_session) -> None:
         assert progress.gather(ray_session, futures, "values") == [7, 8, 9]
     finally:
         progress.set_enabled(None)
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A moto S3 server on 127.0.0.1 for one test, stopped at its end."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"moto server on {endpoint} did not start within 10 s")
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_report_from_s3_store(exact, s3_endpoint) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="analysis")
+    local = exact.run.store
+    remote = Store("s3://analysis/runs", {"endpoint_url": s3_endpoint})
+    for path in local.list(exact.run.name):
+        if "/checkpoints/" not in path and "/sketches/" not in path:
+            remote.write_bytes(path, local.read_bytes(path))
+
+    results = open_results("s3://analysis/runs/exact", {"endpoint_url": s3_endpoint})
+    expected = top_influences(exact, 1_000_000, k=2)
+    pd.testing.assert_frame_equal(top_influences(results, 1_000_000, k=2), expected)
+    written = write_report(results, count=1, k=2)
+    assert written == "s3://analysis/runs/exact/report.html"
+    page = remote.read_bytes("exact/report.html").decode()
+    assert page.startswith("<!DOCTYPE html>")
+    # The sketches stayed behind, so the page says why it has no self-influence table.
+    assert "Not available: run s3://analysis/runs/exact has no train sketches" in page

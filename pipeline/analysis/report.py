@@ -23,7 +23,7 @@ from pipeline.analysis.plots import (
     to_png,
 )
 from pipeline.analysis.query import peak_steps, top_influences, trajectory
-from pipeline.analysis.results import RunResults
+from pipeline.analysis.results import RunNotFoundError, RunResults
 from pipeline.analysis.sketches import self_influence
 from pipeline.reduce_stage import TRACIN_STEP
 
@@ -171,14 +171,18 @@ def build_report(
         table_tag(peak_summary_table(peaks)),
     ]
 
-    influence = self_influence(results).head(k)
     parts += [
         "<h2>Highest self-influence</h2>",
         "<p class='note'>Self-influence sum<sub>k</sub> eta<sub>k</sub> ‖S(g<sub>k</sub>(z))‖²: "
         "training examples that their own gradient keeps pulling on. Mislabelled or atypical "
-        "examples rank high. Loss is at the last checkpoint.</p>",
-        table_tag(influence),
+        "examples rank high. Mean loss is over the checkpoints.</p>",
     ]
+    try:
+        parts.append(table_tag(self_influence(results).head(k)))
+    except RunNotFoundError as error:
+        # Sketches may have been deleted to save space; the scores alone still make a report.
+        logger.warning("run %s: self-influence left out of the report: %s", results.run.name, error)
+        parts.append(f"<p class='note'>Not available: {html.escape(str(error))}</p>")
 
     for test_id in test_ids:
         text = results.texts.get(test_id, "")

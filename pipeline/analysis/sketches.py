@@ -52,9 +52,9 @@ def self_influence(
     g_k(z) is the body gradient of train example z at checkpoint k and S its sketch.
     Large values mark examples that the model keeps fitting against its own gradient:
     mislabelled or atypical examples rank high. Columns: train_id, self_influence, rank
-    (1 = largest), loss (at the last selected checkpoint), train_text. With
-    `by_checkpoint=True` the frame has one row per (checkpoint, train_id) with `eta`
-    and that checkpoint's term instead.
+    (1 = largest), mean_loss (over the selected checkpoints), train_text. With
+    `by_checkpoint=True` the frame has one row per (checkpoint, train_id) with `eta`,
+    that checkpoint's term and its `loss` instead.
 
     The sketched squared norm has no bias: E||S(g)||^2 = ||g||^2 for CountSketch and
     TensorSketch, because the cross terms g_i g_j s_i s_j of colliding coordinates have
@@ -104,9 +104,9 @@ def self_influence(
         per_checkpoint["train_text"] = results.text(per_checkpoint["train_id"])
         return per_checkpoint
 
-    last = per_checkpoint[per_checkpoint["checkpoint"] == selected["checkpoint"].max()]
-    frame = per_checkpoint.groupby("train_id", as_index=False)["self_influence"].sum()
-    frame["loss"] = frame["train_id"].map(last.set_index("train_id")["loss"])
+    grouped = per_checkpoint.groupby("train_id")
+    frame = grouped["self_influence"].sum().reset_index()
+    frame["mean_loss"] = frame["train_id"].map(grouped["loss"].mean())
     frame = frame.sort_values(["self_influence", "train_id"], ascending=[False, True])
     frame = frame.reset_index(drop=True)
     frame.insert(2, "rank", np.arange(1, len(frame) + 1, dtype=np.int32))
