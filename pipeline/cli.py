@@ -53,6 +53,7 @@ def print_summary(summary: dict[str, Any], run_url: str, examples: int = 3) -> N
             )
     timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in summary["timings"].items())
     print(f"  timings: {timings}")
+
     counts = summary.get("counts")
     if counts:
         print(
@@ -60,6 +61,7 @@ def print_summary(summary: dict[str, Any], run_url: str, examples: int = 3) -> N
             f"examples, {counts['checkpoints']} checkpoints, {counts['sketch_units']} sketch "
             f"units, {counts['score_rows']} score rows"
         )
+
     if "reduce" not in summary:
         return
     for name in ("scores", "tracin", "topk"):

@@ -312,6 +312,10 @@ def test_bad_queries_raise(exact) -> None:
         self_influence(exact, checkpoints=[12345])
     with pytest.raises(KeyError, match=r"test_ids \[42\] have no sketches"):
         checkpoint_scores(exact, [42])
+    with pytest.raises(KeyError, match=r"train_ids \[999\] have no sketches"):
+        checkpoint_scores(exact, [1_000_000], train_ids=[999])
+    with pytest.raises(ValueError, match="test_ids is empty"):
+        checkpoint_scores(exact, [])
 
 
 def test_open_results_guards(tmp_path, exact) -> None:
@@ -398,7 +402,8 @@ def test_report_images_open(report) -> None:
         assert source.startswith("data:image/png;base64,")
         image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         image.verify()
-        assert image.size[0] > 100 and image.size[1] > 100
+        assert image.size[0] > 100
+        assert image.size[1] > 100
 
 
 def test_report_shows_texts_and_tests(report, exact) -> None:
@@ -542,5 +547,5 @@ def test_report_from_s3_store(exact, s3_endpoint) -> None:
     assert written == "s3://analysis/runs/exact/report.html"
     page = remote.read_bytes("exact/report.html").decode()
     assert page.startswith("<!DOCTYPE html>")
-    # The sketches stayed behind, so the page says why it has no self-influence table.
+    # The sketches stayed behind, so the page explains why it has no self-influence table.
     assert "Not available: run s3://analysis/runs/exact has no train sketches" in page

@@ -93,20 +93,20 @@ def top_influences(
 
     Step 0 ranks by TracIn (all loop steps together); steps 1..tau rank by the SDI term
     I_t. Columns: test_id, step, direction, rank, train_id, score, test_text, train_text.
-    Rows come from the stored `topk` table when it holds k rows per group, otherwise from
+    Rows come from the stored `topk` table when it contains k rows per group, otherwise from
     the full `scores` and `tracin` tables.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     directions = _directions(direction)
-    wanted = _steps(results, steps)
+    requested = _steps(results, steps)
     _check_test_id(results, test_id)
 
     stored_k = int(results.config.reduce.topk)
     if k <= stored_k and results.has_table("topk"):
         where = (
             (ds.field("test_id") == test_id)
-            & ds.field("step").isin(wanted)
+            & ds.field("step").isin(requested)
             & ds.field("direction").isin(list(directions))
             & (ds.field("rank") <= k)
         )
@@ -116,11 +116,11 @@ def top_influences(
         ranked = ranked.astype({"step": "int32", "rank": "int32"})
     else:
         frames = []
-        loop_steps = [step for step in wanted if step != TRACIN_STEP]
+        loop_steps = [step for step in requested if step != TRACIN_STEP]
         if loop_steps:
             where = (ds.field("test_id") == test_id) & ds.field("step").isin(loop_steps)
             frames.append(results.read_frame("scores", filter=where))
-        if TRACIN_STEP in wanted:
+        if TRACIN_STEP in requested:
             tracin = results.read_frame("tracin", filter=ds.field("test_id") == test_id)
             frames.append(tracin.assign(step=TRACIN_STEP))
         ranked = rank_influences(pd.concat(frames, ignore_index=True), k, directions)
@@ -149,13 +149,13 @@ def trajectory(
     which ends at TracIn), tracin, test_text, train_text. Raises KeyError naming the
     pairs that the run does not contain.
     """
-    wanted = _as_pairs(pairs)
-    where = ds.field("test_id").isin(wanted["test_id"].unique().tolist()) & ds.field(
+    requested = _as_pairs(pairs)
+    where = ds.field("test_id").isin(requested["test_id"].unique().tolist()) & ds.field(
         "train_id"
-    ).isin(wanted["train_id"].unique().tolist())
-    scores = results.read_frame("scores", filter=where).merge(wanted, on=["test_id", "train_id"])
+    ).isin(requested["train_id"].unique().tolist())
+    scores = results.read_frame("scores", filter=where).merge(requested, on=["test_id", "train_id"])
     found = scores[["test_id", "train_id"]].drop_duplicates()
-    missing = wanted.merge(found, how="left", indicator=True)
+    missing = requested.merge(found, how="left", indicator=True)
     missing = missing[missing["_merge"] == "left_only"]
     if not missing.empty:
         listed = list(missing[["test_id", "train_id"]].itertuples(index=False, name=None))
@@ -175,8 +175,8 @@ def step_mass(
 
     mass_t(z') = sum over train examples z of w(I_t(z, z')), with w(x) = |x| for
     `weight="abs"` and w(x) = max(x, 0) for `weight="positive"`. Columns: test_id, step,
-    mass, share (mass over the sum of the example's masses; 1/tau everywhere means no
-    step stands out).
+    mass, share (mass over the sum of the example's masses). A share of 1/tau at every
+    step means that no step dominates.
     """
     if weight not in WEIGHTS:
         raise ValueError(f"weight={weight!r} is invalid; use one of {WEIGHTS}")
@@ -198,7 +198,7 @@ def peak_steps(
 ) -> pd.DataFrame:
     """Return the loop step at which each test example's influence concentrates.
 
-    The peak step is the step with the largest `step_mass` (the earliest one on ties);
+    The peak step is the step with the largest `step_mass`, the earliest one on ties.
     `peak_share` is its share of the example's total mass, between 1/tau (spread evenly)
     and 1 (all at one step). Columns: test_id, peak_step, peak_share, total_mass,
     test_text.

@@ -1,6 +1,6 @@
 """`sdi report RUN`: one self-contained HTML page with a run's plots and tables.
 
-The page holds its images as base64 data URIs and its style inline, so it opens offline
+The page contains its images as base64 data URIs and its style inline, so it opens offline
 from a single file, also when copied out of an S3 store.
 """
 

@@ -1,9 +1,9 @@
 """Scores recomputed from the stored sketches: self-influence and per-checkpoint SDI.
 
 The reduce stage stores only the sum over checkpoints. Per-checkpoint scores are
-recomputed here on demand for the requested test examples, instead of being written for
-every pair: that costs one pass over the train sketches per query but keeps the store
-at one `scores` table (a stored per-checkpoint table would be K times larger).
+recomputed here on demand for the requested test examples instead of being written for
+every pair. Each query costs one pass over the train sketches, but the store keeps one
+`scores` table, where a stored per-checkpoint table would be K times larger.
 
 Sketches are read with pyarrow (`reduce_stage.read_sketches`), because pandas turns
 fixed-size lists into object columns, and their fingerprints are checked the same way
@@ -133,18 +133,18 @@ def checkpoint_scores(
     run's `scores` table. Columns: checkpoint, eta, test_id, train_id, step, score,
     test_text, train_text.
     """
-    wanted_tests = sorted({int(t) for t in test_ids})
-    if not wanted_tests:
+    requested_tests = sorted({int(t) for t in test_ids})
+    if not requested_tests:
         raise ValueError("test_ids is empty; pass at least one test example id")
-    wanted_train = None if train_ids is None else np.array(sorted({int(t) for t in train_ids}))
+    requested_train = None if train_ids is None else np.array(sorted({int(t) for t in train_ids}))
     selected = results.select_checkpoints(checkpoints)
 
     frames = []
     for row in selected.itertuples():
         checkpoint, eta = int(row.checkpoint), float(row.eta)
         test = read_sketches(results.run.store, results.sketch_paths(checkpoint, "test"))
-        keep = np.isin(test.example_ids, wanted_tests)
-        missing = sorted(set(wanted_tests) - set(test.example_ids[keep].tolist()))
+        keep = np.isin(test.example_ids, requested_tests)
+        missing = sorted(set(requested_tests) - set(test.example_ids[keep].tolist()))
         if missing:
             raise KeyError(
                 f"test_ids {missing[:10]} have no sketches at checkpoint {checkpoint} "
@@ -158,8 +158,8 @@ def checkpoint_scores(
             train = read_sketches(results.run.store, [path])
             fp.check_compatible(test.fingerprint, train.fingerprint, test.source, train.source)
             ids, totals = _train_totals(train)
-            if wanted_train is not None:
-                mask = np.isin(ids, wanted_train)
+            if requested_train is not None:
+                mask = np.isin(ids, requested_train)
                 ids, totals = ids[mask], totals[mask]
             if len(ids) == 0:
                 continue
@@ -177,9 +177,8 @@ def checkpoint_scores(
                 )
             )
     if not frames:
-        raise KeyError(
-            f"train_ids {wanted_train.tolist()[:10]} have no sketches in run {results.url}"
-        )
+        shown = "all" if requested_train is None else requested_train.tolist()[:10]
+        raise KeyError(f"train_ids {shown} have no sketches in run {results.url}")
     frame = pd.concat(frames, ignore_index=True)
     frame = frame.sort_values(["checkpoint", "test_id", "train_id", "step"], ignore_index=True)
     frame["test_text"] = results.text(frame["test_id"])
