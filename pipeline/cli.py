@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.analysis.command import add_report_arguments, report_command
 from pipeline.config import STAGES, ConfigError, load_config
 
 logger = logging.getLogger("pipeline")
@@ -20,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Step-resolved training-data attribution (SDI and TracIn) for looped transformers on Ray.",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide progress bars (also SDI_PROGRESS=0)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run every stage: prepare, train, sketch, reduce")
     run.add_argument("config", help="YAML configuration file, for example configs/demo.yaml")
@@ -30,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage, help=f"run only the {stage} stage")
         sub.add_argument("config")
         sub.add_argument("overrides", nargs="*")
+    add_report_arguments(
+        commands.add_parser("report", help="write an HTML report of a finished run")
+    )
     return parser
 
 
@@ -46,6 +53,15 @@ def print_summary(summary: dict[str, Any], run_url: str, examples: int = 3) -> N
             )
     timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in summary["timings"].items())
     print(f"  timings: {timings}")
+
+    counts = summary.get("counts")
+    if counts:
+        print(
+            f"  counts: {counts['train_examples']} train and {counts['test_examples']} test "
+            f"examples, {counts['checkpoints']} checkpoints, {counts['sketch_units']} sketch "
+            f"units, {counts['score_rows']} score rows"
+        )
+
     if "reduce" not in summary:
         return
     for name in ("scores", "tracin", "topk"):
@@ -68,6 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.no_progress:
+        from pipeline.progress import set_enabled
+
+        set_enabled(False)
+    if args.command == "report":
+        try:
+            print(f"Report: {report_command(args)}")
+        except (ConfigError, ValueError, KeyError, FileNotFoundError) as error:
+            message = error.args[0] if isinstance(error, KeyError) else error
+            print(f"sdi report: {message}", file=sys.stderr)
+            return 2
+        return 0
     try:
         overrides = list(args.overrides)
         if args.command in STAGES:
@@ -77,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdi: {error}", file=sys.stderr)
         return 2
 
+    from pipeline.analysis.results import run_counts
     from pipeline.runner import open_run, run_pipeline
 
     summary = run_pipeline(config)
     run = open_run(config)
     summary["storage_options"] = run.store.options
+    summary["counts"] = run_counts(run)
     print_summary(summary, run.url())
     return 0
 

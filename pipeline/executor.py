@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from ray.util import ActorPool
 
 from pipeline.devices import actor_resources, cluster_gpus, use_gpus
+from pipeline.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,8 @@ class SketchPool:
         """Run `process` on every item, returning results in completion order."""
         pool = ActorPool(self.actors)
         results = []
-        for done, result in enumerate(
-            pool.map_unordered(lambda actor, item: actor.process.remote(item), items), 1
-        ):
+        finished = pool.map_unordered(lambda actor, item: actor.process.remote(item), items)
+        for done, result in enumerate(progress(finished, "sketch", total=len(items)), 1):
             results.append(result)
             logger.info("sketch progress: %d/%d units (%s)", done, len(items), result["key"])
         return results

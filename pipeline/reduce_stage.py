@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from pipeline import fingerprint as fp
 from pipeline.checkpoints import CheckpointInfo, list_checkpoints
+from pipeline.progress import gather
 from pipeline.run import Run
 from pipeline.store import Store
 
@@ -290,7 +291,7 @@ def run_reduce(
                 *test_refs,
             )
         )
-    results = ray_module.get(futures)
+    results = gather(ray_module, futures, "reduce")
 
     parts = run.store.list(run.rel("_work", "topk"), suffix=".parquet")
     candidates = pd.concat(
