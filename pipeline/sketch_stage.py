@@ -24,6 +24,7 @@ from pipeline import fingerprint as fp
 from pipeline.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
 from pipeline.data import read_shard
 from pipeline.devices import worker_device
+from pipeline.models import ModelSpec, resolve_body, resolve_loss
 from pipeline.run import Run
 from pipeline.store import Store
 
@@ -90,27 +91,42 @@ class SketchWorker:
 
     def _model(self, unit: SketchUnit):
         if self._loaded is None or self._loaded[0] != unit.checkpoint_hash:
-            info = CheckpointInfo(
-                unit.checkpoint, None, unit.checkpoint_hash, unit.checkpoint_path, {}
-            )
             meta = self.store.read_json(f"{unit.checkpoint_path}/meta.json")
-            info.model_config = meta["model_config"]
+            recorded = ModelSpec.from_checkpoint_meta(meta)
+            info = CheckpointInfo(
+                unit.checkpoint,
+                None,
+                unit.checkpoint_hash,
+                unit.checkpoint_path,
+                recorded.config,
+                recorded.factory,
+            )
             model = load_checkpoint(self.run, info, self.device)
+            # The factory comes from the checkpoint; body, loss and tau from this run's config.
+            spec = ModelSpec(
+                recorded.factory,
+                self.config.model.body,
+                self.config.model.loss,
+                self.config.model.tau,
+                recorded.config,
+            )
+            body = resolve_body(model, spec.body)
             sketch = self.config.sketch
-            layout = build_layout(model.body, sketch.method, sketch.dim, sketch.seed, sketch.path)
-            self._loaded = (unit.checkpoint_hash, model, layout)
+            layout = build_layout(body, sketch.method, sketch.dim, sketch.seed, sketch.path)
+            self._loaded = (unit.checkpoint_hash, model, layout, spec, body)
             logger.info(
                 "run %s: loaded checkpoint %d on %s", self.run.name, unit.checkpoint, self.device
             )
-        return self._loaded[1], self._loaded[2]
+        return self._loaded[1:]
 
     def process(self, unit_fields: dict) -> dict:
         unit = SketchUnit(**unit_fields)
         started = time.perf_counter()
-        model, layout = self._model(unit)
+        model, layout, spec, body = self._model(unit)
+        loss_fn = resolve_loss(spec.loss)
         sketch = self.config.sketch
         shard = read_shard(
-            self.store, unit.shard, model.config.vocab_size, model.config.context_length
+            self.store, unit.shard, spec.config["vocab_size"], spec.config["context_length"]
         )
         per_step = unit.split == "test"
         autocast = getattr(torch, sketch.autocast) if sketch.autocast else None
@@ -124,13 +140,14 @@ class SketchWorker:
             ).to(self.device)
             result = sketch_batch(
                 model,
-                model.body,
-                model.tau,
+                body,
+                spec.tau,
                 batch,
                 layout,
                 per_step,
                 sketch.loss_reduction,
                 autocast_dtype=autocast,
+                loss_fn=loss_fn,
             )
             parts.append(result.sketches.cpu())
             losses.append(result.losses.cpu())
@@ -150,11 +167,11 @@ class SketchWorker:
             )
         fingerprint = fp.sketch_fingerprint(
             layout,
-            model.config.to_dict(),
+            spec.to_dict(),
             unit.checkpoint_hash,
             sketch.loss_reduction,
             sketch.dtype,
-            model.tau,
+            spec.tau,
         )
         table = sketch_table(
             shard.example_ids,
