@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import STAGES, ConfigError, load_config
+from pipeline.submit import JOB_COMMANDS, add_job_commands, run_job_command
 
 logger = logging.getLogger("pipeline")
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage, help=f"run only the {stage} stage")
         sub.add_argument("config")
         sub.add_argument("overrides", nargs="*")
+    add_job_commands(commands)
     return parser
 
 
@@ -64,10 +66,19 @@ def print_summary(summary: dict[str, Any], run_url: str, examples: int = 3) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`sdi submit CONFIG --wait run_name=x`), which plain
+    # parse_args rejects once the positional list has ended.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is None or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
     try:
         overrides = list(args.overrides)
         if args.command in STAGES:
