@@ -17,7 +17,7 @@ class PlacementError(RuntimeError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the pipeline's Ray workers run: `count` sketch actors with `resources` each."""
+    """Placement of the pipeline's Ray workers: `count` sketch actors with `resources` each."""
 
     gpu: bool
     count: int
@@ -38,7 +38,7 @@ def use_gpus(setting: str, gpus_available: int, requested_actors: int | None = N
     """Decide whether workers take GPUs: `auto` uses them when the cluster has any.
 
     `true` also works on a cluster whose GPU workers are added on demand (an autoscaling
-    KubeRay cluster reports no GPUs until a task asks for one) as long as the number of
+    KubeRay cluster reports no GPUs until a task requests one) as long as the number of
     actors is given, because that number is what gets requested.
     """
     if setting == "true":

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -109,7 +111,7 @@ def import_object(path: str, role: str = "object") -> Any:
             f"{role} {path!r} is not an import path of the form 'package.module:attribute'"
         )
     try:
-        target: Any = importlib.import_module(module_name)
+        target: Any = _import_module(module_name)
     except ImportError as error:
         raise ModelSpecError(
             f"{role} {path!r}: module {module_name!r} cannot be imported ({error}); install it "
@@ -122,6 +124,22 @@ def import_object(path: str, role: str = "object") -> Any:
     if not callable(target):
         raise ModelSpecError(f"{role} {path!r} is {type(target).__name__}, not a callable")
     return target
+
+
+def _import_module(name: str) -> Any:
+    """Import a module, also from the current directory as `python -m` and Ray workers do.
+
+    The `sdi` console script does not put the current directory on sys.path, but Ray
+    adds the driver's current directory to its local workers' sys.path.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        current = os.getcwd()
+        if current in sys.path:
+            raise
+        sys.path.append(current)
+        return importlib.import_module(name)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

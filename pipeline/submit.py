@@ -5,10 +5,10 @@ are inside it, the `pipeline` and `operators` packages, then runs
 `python -m pipeline.cli run CONFIG overrides...` on the cluster. The job's driver joins
 the cluster through the RAY_ADDRESS that Ray sets for every job.
 
-Submissions are idempotent per run name: the submission id is `sdi-<run_name>`, so a
-nightly retry of the same run joins the job that is still pending or running, does
-nothing after a success, and after a failure submits `sdi-<run_name>-retry-N`, which
-resumes the run from its finished work units.
+Submissions are idempotent per run name because the submission id is `sdi-<run_name>`.
+A nightly retry of the same run joins the job that is still pending or running, and
+does nothing after a success. After a failure it submits `sdi-<run_name>-retry-N`,
+which resumes the run from its finished work units.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class SubmitError(RuntimeError):
 
 @dataclass(frozen=True)
 class Decision:
-    """What a submission does: `submit` a new job, `join` a live one, or nothing (`done`)."""
+    """Outcome of a submission: `submit` a new job, `join` a live one, or nothing (`done`)."""
 
     action: str
     submission_id: str
