@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ def sketch_batch(
     loss_reduction: str = "sum",
     dtype: torch.dtype = torch.float32,
     autocast_dtype: torch.dtype | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor] = per_example_loss,
 ) -> SketchResult:
     """Sketch each example's body gradient, per loop step or summed over steps.
 
@@ -51,7 +53,8 @@ def sketch_batch(
     body's first input, not of the weights), so no weight-gradient products are formed.
     The examples' gradients do not interact: the loss is a sum of per-example losses and
     attention never crosses examples. `autocast_dtype` (for example torch.bfloat16) runs
-    the forward pass under autocast; sketches still accumulate in `dtype`.
+    the forward pass under autocast; sketches still accumulate in `dtype`. `loss_fn(logits,
+    targets, reduction)` returns one loss per example.
     """
     device = batch.input_ids.device
     specs, module_specs = body_parameter_specs(body)
@@ -64,8 +67,11 @@ def sketch_batch(
             enabled=autocast_dtype is not None,
         ):
             logits = model(batch.input_ids, batch.attention_mask)
+        # The loss (and its gradient at the logits) is computed in float32 or wider.
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         capture.check_forward()
-        losses = per_example_loss(logits, batch.targets, loss_reduction)
+        losses = loss_fn(logits, batch.targets, loss_reduction)
         finite = torch.isfinite(losses)
         total = torch.where(finite, losses, torch.zeros_like(losses)).sum()
 

@@ -15,7 +15,7 @@ parameter of the body lives in an `nn.Linear` or `nn.LayerNorm`, so gradient cap
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +175,18 @@ class LoopedGPT(nn.Module):
             state = self.body(state + x, key_mask)
 
         return self.head(self.ln_f(state))
+
+
+def build_looped_gpt(config: dict) -> LoopedGPT:
+    """Build a LoopedGPT from a model configuration dict (the pipeline's `model.factory` default)."""
+    known = {f.name for f in fields(LoopedGPTConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"model settings {unknown} are not LoopedGPT settings (known: {sorted(known)}); "
+            "remove them, or set model.factory to a factory that takes them"
+        )
+    return LoopedGPT(LoopedGPTConfig(**config))
 
 
 def per_example_loss(

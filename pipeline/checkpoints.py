@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
-from operators.model import LoopedGPT, LoopedGPTConfig
+from pipeline.models import DEFAULT_FACTORY, ModelSpec, build_model
 from pipeline.run import Run
 from pipeline.store import StoreError
 
@@ -36,7 +37,8 @@ class CheckpointInfo:
     lr: float | None
     content_hash: str
     path: str  # relative to the store root
-    model_config: dict[str, Any]
+    model_config: dict[str, Any]  # the dict the factory is called with
+    factory: str = DEFAULT_FACTORY  # import path of the model factory
 
     @property
     def checkpoint_id(self) -> int:
@@ -54,9 +56,20 @@ def content_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(
-    run: Run, model: LoopedGPT, step: int, lr: float, extra: dict[str, Any]
+    run: Run,
+    model: nn.Module,
+    step: int,
+    lr: float,
+    extra: dict[str, Any],
+    spec: ModelSpec | None = None,
 ) -> CheckpointInfo:
-    """Write weights, then meta.json last, so a checkpoint without meta.json is incomplete."""
+    """Write weights, then meta.json last, so a checkpoint without meta.json is incomplete.
+
+    `spec` records the factory, body, loss and tau that rebuild the model; without it the
+    model must be a LoopedGPT, whose own config is recorded.
+    """
+    if spec is None:
+        spec = ModelSpec(tau=model.config.tau, config=model.config.to_dict())
     state = {
         name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
     }
@@ -68,12 +81,13 @@ def save_checkpoint(
         "step": step,
         "lr": lr,
         "content_hash": digest,
-        "model_config": model.config.to_dict(),
+        "model_config": spec.config,
+        "model": {"factory": spec.factory, "body": spec.body, "loss": spec.loss, "tau": spec.tau},
         **extra,
     }
     run.store.write_json(f"{folder}/meta.json", meta)
     logger.info("run %s: saved checkpoint step=%d lr=%.3g hash=%s", run.name, step, lr, digest[:12])
-    return CheckpointInfo(step, lr, digest, folder, meta["model_config"])
+    return CheckpointInfo(step, lr, digest, folder, meta["model_config"], spec.factory)
 
 
 def list_checkpoints(run: Run) -> list[CheckpointInfo]:
@@ -89,6 +103,7 @@ def list_checkpoints(run: Run) -> list[CheckpointInfo]:
                 content_hash=meta["content_hash"],
                 path=folder,
                 model_config=meta["model_config"],
+                factory=ModelSpec.from_checkpoint_meta(meta).factory,
             )
         )
     infos.sort(key=lambda info: info.step)
@@ -97,8 +112,12 @@ def list_checkpoints(run: Run) -> list[CheckpointInfo]:
 
 def load_checkpoint(
     run: Run, info: CheckpointInfo, device: str | torch.device = "cpu"
-) -> LoopedGPT:
-    """Rebuild the model of a checkpoint and load its weights, checking the content hash."""
+) -> nn.Module:
+    """Rebuild the model of a checkpoint and load its weights, checking the content hash.
+
+    The model comes from calling the recorded factory with the recorded model config; the
+    weights come from safetensors, so nothing is unpickled.
+    """
     try:
         data = run.store.read_bytes(f"{info.path}/model.safetensors")
     except StoreError as error:
@@ -113,6 +132,12 @@ def load_checkpoint(
             f"checkpoint {run.store.display(info.path)} content hash {digest[:12]} does not match "
             f"meta.json ({info.content_hash[:12]}); the weights were changed after saving"
         )
-    model = LoopedGPT(LoopedGPTConfig(**info.model_config))
-    model.load_state_dict(state)
+    model = build_model(ModelSpec(factory=info.factory, config=dict(info.model_config)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {run.store.display(info.path)} does not fit the model that "
+            f"{info.factory} builds from its recorded config: {error}"
+        ) from error
     return model.to(device).eval()

@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipeline.analysis.command import add_report_arguments, report_command
 from pipeline.config import STAGES, ConfigError, load_config
+from pipeline.submit import JOB_COMMANDS, add_job_commands, run_job_command
 
 logger = logging.getLogger("pipeline")
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_arguments(
         commands.add_parser("report", help="write an HTML report of a finished run")
     )
+    add_job_commands(commands)
     return parser
 
 
@@ -80,7 +82,14 @@ def print_summary(summary: dict[str, Any], run_url: str, examples: int = 3) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`sdi submit CONFIG --wait run_name=x`), which plain
+    # parse_args rejects once the positional list has ended.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is None or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -96,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sdi report: {message}", file=sys.stderr)
             return 2
         return 0
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
     try:
         overrides = list(args.overrides)
         if args.command in STAGES:

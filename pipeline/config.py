@@ -29,6 +29,12 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
+    # Your own model: `factory` and `loss` are import paths `package.module:attribute`, and
+    # `body` is the attribute path of the looped module (see pipeline/models.py).
+    factory: str = "operators.model:build_looped_gpt"
+    body: str = "body"
+    loss: str = "operators.model:per_example_loss"
+    options: dict[str, Any] = field(default_factory=dict)  # extra keys for the factory
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 1
@@ -173,6 +179,19 @@ def validate(config: DictConfig) -> None:
             raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(config, key)}")
     if config.sketch.method == "tensorsketch" and config.sketch.dim < 2:
         raise ConfigError(f"sketch.dim must be at least 2, got {config.sketch.dim}")
+    for key in ("model.factory", "model.loss"):
+        module, colon, attribute = str(OmegaConf.select(config, key)).partition(":")
+        if not (module and colon and attribute):
+            raise ConfigError(
+                f"{key}={OmegaConf.select(config, key)!r} is not an import path of the form "
+                "'package.module:attribute'"
+            )
+    if not config.model.body or any(not part for part in config.model.body.split(".")):
+        raise ConfigError(
+            f"model.body={config.model.body!r} must be a dotted attribute path such as 'body'"
+        )
+    if config.model.tau < 1:
+        raise ConfigError(f"model.tau must be at least 1, got {config.model.tau}")
     if config.sketch.autocast not in (None, "bfloat16", "float16"):
         raise ConfigError(
             f"sketch.autocast={config.sketch.autocast!r} is invalid; use null, bfloat16 or float16"

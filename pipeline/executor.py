@@ -10,7 +10,7 @@ import ray
 from omegaconf import DictConfig
 from ray.util import ActorPool
 
-from pipeline.devices import actor_resources, cluster_gpus, use_gpus
+from pipeline.devices import Placement, plan_placement
 from pipeline.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,9 @@ def start_ray(config: DictConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    # Ship the project's code to workers of a remote cluster unless the job already did.
+    # NOTE: nothing is shipped here. Inside a job from `sdi submit` the workers inherit the
+    # job's runtime environment (the uploaded code); a driver that joins a cluster directly
+    # needs the project, and any model module it names, installed on every node.
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         logger.info("joining Ray cluster at %s", address)
@@ -31,34 +33,41 @@ def start_ray(config: DictConfig) -> None:
         ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, **kwargs)
 
 
+def cluster_placement(ray_config: DictConfig) -> Placement:
+    """Plan the workers for the connected cluster's current GPUs and CPUs."""
+    resources = ray.cluster_resources()
+    return plan_placement(
+        str(ray_config.use_gpu).lower(),
+        int(resources.get("GPU", 0)),
+        int(resources.get("CPU", 1)),
+        ray_config.num_actors,
+        ray_config.cpus_per_actor,
+    )
+
+
 class SketchPool:
     """A fixed set of sketch actors fed work units through ray.util.ActorPool."""
 
     def __init__(
         self, worker_class: type, store_spec: dict, config: dict, ray_config: DictConfig
     ) -> None:
-        gpus = cluster_gpus(ray)
-        self.gpu = use_gpus(str(ray_config.use_gpu).lower(), gpus)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        if ray_config.num_actors:
-            count = ray_config.num_actors
-        elif self.gpu:
-            count = gpus
-        else:
-            count = max(1, cpus // ray_config.cpus_per_actor)
-        resources = actor_resources(self.gpu, ray_config.cpus_per_actor)
-        threads = 1 if self.gpu else ray_config.cpus_per_actor
+        placement = cluster_placement(ray_config)
+        self.gpu = placement.gpu
         # A unit is idempotent (fixed output key, one put, marker last), so when an actor's
         # process dies Ray restarts it and re-sends the unit it was working on.
         restarts = int(ray_config.get("actor_restarts", 3))
         remote_class = ray.remote(worker_class).options(
-            **resources, max_restarts=restarts, max_task_retries=restarts
+            **placement.resources, max_restarts=restarts, max_task_retries=restarts
         )
         self.actors = [
-            remote_class.remote(store_spec, config, self.gpu, threads) for _ in range(count)
+            remote_class.remote(store_spec, config, placement.gpu, placement.threads)
+            for _ in range(placement.count)
         ]
         logger.info(
-            "started %d sketch actors (%s, %s)", count, "GPU" if self.gpu else "CPU", resources
+            "started %d sketch actors (%s, %s)",
+            placement.count,
+            "GPU" if placement.gpu else "CPU",
+            placement.resources,
         )
 
     def map(self, items: list[Any]) -> list[Any]:

@@ -10,7 +10,7 @@ import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.executor import SketchPool, start_ray
+from pipeline.executor import SketchPool, cluster_placement, start_ray
 from pipeline.prepare import run_prepare
 from pipeline.reduce_stage import run_reduce
 from pipeline.run import Run
@@ -53,14 +53,11 @@ def run_pipeline(config: DictConfig) -> dict[str, Any]:
             logger.info("run %s: train already complete, skipping", run.name)
             summary["train"] = run.store.read_json(run.rel("train", "metrics.json"))
         else:
-            gpu = (
-                str(config.ray.use_gpu).lower() != "false"
-                and ray.cluster_resources().get("GPU", 0) > 0
+            placement = cluster_placement(config.ray)
+            remote = ray.remote(**placement.task_resources())(_train_remote)
+            summary["train"] = ray.get(
+                remote.remote(run.store.spec(), container, shards, placement.gpu)
             )
-            remote = ray.remote(num_cpus=config.ray.cpus_per_actor, num_gpus=1 if gpu else 0)(
-                _train_remote
-            )
-            summary["train"] = ray.get(remote.remote(run.store.spec(), container, shards, gpu))
         summary["timings"]["train"] = time.perf_counter() - started
 
     if "sketch" in stages:

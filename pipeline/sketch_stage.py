@@ -27,6 +27,7 @@ from pipeline import sketch_cache
 from pipeline.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
 from pipeline.data import read_shard
 from pipeline.devices import worker_device
+from pipeline.models import ModelSpec, resolve_body, resolve_loss
 from pipeline.run import Run
 from pipeline.store import Store
 
@@ -93,19 +94,33 @@ class SketchWorker:
 
     def _model(self, unit: SketchUnit):
         if self._loaded is None or self._loaded[0] != unit.checkpoint_hash:
-            info = CheckpointInfo(
-                unit.checkpoint, None, unit.checkpoint_hash, unit.checkpoint_path, {}
-            )
             meta = self.store.read_json(f"{unit.checkpoint_path}/meta.json")
-            info.model_config = meta["model_config"]
+            recorded = ModelSpec.from_checkpoint_meta(meta)
+            info = CheckpointInfo(
+                unit.checkpoint,
+                None,
+                unit.checkpoint_hash,
+                unit.checkpoint_path,
+                recorded.config,
+                recorded.factory,
+            )
             model = load_checkpoint(self.run, info, self.device)
+            # The factory comes from the checkpoint; body, loss and tau from this run's config.
+            spec = ModelSpec(
+                recorded.factory,
+                self.config.model.body,
+                self.config.model.loss,
+                self.config.model.tau,
+                recorded.config,
+            )
+            body = resolve_body(model, spec.body)
             sketch = self.config.sketch
-            layout = build_layout(model.body, sketch.method, sketch.dim, sketch.seed, sketch.path)
-            self._loaded = (unit.checkpoint_hash, model, layout)
+            layout = build_layout(body, sketch.method, sketch.dim, sketch.seed, sketch.path)
+            self._loaded = (unit.checkpoint_hash, model, layout, spec, body)
             logger.info(
                 "run %s: loaded checkpoint %d on %s", self.run.name, unit.checkpoint, self.device
             )
-        return self._loaded[1], self._loaded[2]
+        return self._loaded[1:]
 
     def _restore_cached(self, unit: SketchUnit, started: float) -> dict | None:
         """Copy a train unit's sketch from the store's cache; None when it is not there."""
@@ -115,7 +130,7 @@ class SketchWorker:
         shard_bytes = self.store.read_bytes(unit.shard)
         self._cache_key = sketch_cache.cache_key(
             unit.checkpoint_hash,
-            meta["model_config"],
+            {"config": meta["model_config"], "interface": meta.get("model")},
             shard_bytes,
             self.config.sketch,
             unit.split,
@@ -158,10 +173,11 @@ class SketchWorker:
         cached = self._restore_cached(unit, started)
         if cached is not None:
             return cached
-        model, layout = self._model(unit)
+        model, layout, spec, body = self._model(unit)
+        loss_fn = resolve_loss(spec.loss)
         sketch = self.config.sketch
         shard = read_shard(
-            self.store, unit.shard, model.config.vocab_size, model.config.context_length
+            self.store, unit.shard, spec.config["vocab_size"], spec.config["context_length"]
         )
         per_step = unit.split == "test"
         autocast = getattr(torch, sketch.autocast) if sketch.autocast else None
@@ -175,13 +191,14 @@ class SketchWorker:
             ).to(self.device)
             result = sketch_batch(
                 model,
-                model.body,
-                model.tau,
+                body,
+                spec.tau,
                 batch,
                 layout,
                 per_step,
                 sketch.loss_reduction,
                 autocast_dtype=autocast,
+                loss_fn=loss_fn,
             )
             parts.append(result.sketches.cpu())
             losses.append(result.losses.cpu())
@@ -201,11 +218,11 @@ class SketchWorker:
             )
         fingerprint = fp.sketch_fingerprint(
             layout,
-            model.config.to_dict(),
+            spec.to_dict(),
             unit.checkpoint_hash,
             sketch.loss_reduction,
             sketch.dtype,
-            model.tau,
+            spec.tau,
         )
         table = sketch_table(
             shard.example_ids,

@@ -9,13 +9,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from operators.batching import collate
-from operators.model import LoopedGPT, LoopedGPTConfig, per_example_loss
+from operators.capture import body_parameter_specs
+from operators.model import LoopedGPTConfig
 from operators.tasks import make_task
 from operators.tasks.base import IGNORE_INDEX
 from pipeline.checkpoints import save_checkpoint
 from pipeline.data import Shard, read_shard
+from pipeline.models import build_model, model_spec, resolve_body, resolve_loss
 from pipeline.run import Run
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ def checkpoint_steps(config: DictConfig) -> list[int]:
 
 
 def evaluate(
-    model: LoopedGPT, shards: list[Shard], pad_id: int, device: torch.device
+    model: nn.Module, shards: list[Shard], pad_id: int, device: torch.device
 ) -> dict[str, float]:
     """Return token accuracy over target positions and sequence accuracy (all targets right)."""
     correct_tokens = total_tokens = correct_sequences = total_sequences = 0
@@ -85,20 +88,22 @@ def train_model(
     """Train on the train split, save checkpoints, and return accuracies on both splits."""
     started = time.perf_counter()
     task = make_task(config.task)
-    shape = model_config(config)
+    spec = model_spec(config)
+    torch.manual_seed(config.train.seed)
+    model = build_model(spec).to(device)
+    # Fail before training when the body path is wrong or its parameters cannot be captured.
+    body_parameter_specs(resolve_body(model, spec.body))
+    loss_fn = resolve_loss(spec.loss)
+
+    vocab_size, context_length = spec.config["vocab_size"], spec.config["context_length"]
     shards = {
-        split: [
-            read_shard(run.store, path, shape.vocab_size, shape.context_length) for path in paths
-        ]
+        split: [read_shard(run.store, path, vocab_size, context_length) for path in paths]
         for split, paths in shard_paths.items()
     }
     ids = [seq for shard in shards["train"] for seq in shard.input_ids]
     targets = [seq for shard in shards["train"] for seq in shard.targets]
     if not ids:
         raise ValueError(f"run {run.name}: the train split is empty; raise task.n_train")
-
-    torch.manual_seed(config.train.seed)
-    model = LoopedGPT(shape).to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=config.train.lr,
@@ -118,7 +123,7 @@ def train_model(
         model.train()
         logits = model(batch.input_ids, batch.attention_mask)
         count = (batch.targets != IGNORE_INDEX).sum().clamp(min=1)
-        loss = per_example_loss(logits, batch.targets, "sum").sum() / count
+        loss = loss_fn(logits, batch.targets, "sum").sum() / count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
@@ -127,7 +132,7 @@ def train_model(
             logger.info("run %s: train step %d loss %.4f lr %.3g", run.name, step, loss.item(), lr)
         if step in saves:
             info = save_checkpoint(
-                run, model, step, lr, {"task": OmegaConf.to_container(config.task)}
+                run, model, step, lr, {"task": OmegaConf.to_container(config.task)}, spec
             )
             saved.append(info.step)
 

@@ -360,3 +360,30 @@ def test_dockerfile_user_and_configs():
     copies = [words for words in lines if words[0].upper() == "COPY"]
     assert any("configs" in words for words in copies)
     assert any(words[:2] == ["RUN", "pip"] and "." in words for words in lines)
+
+
+def manifest_commands() -> list[tuple[str, str]]:
+    """Return every `sdi run` or `sdi submit` command line in the manifests."""
+    commands = [(f"{label}.entrypoint", spec["entrypoint"]) for label, spec in rayjob_specs()]
+    for label, doc in documents_of_kind("CronJob"):
+        pod = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            line = " ".join(container.get("command", []) + container.get("args", []))
+            commands.append((f"{label}.{container['name']}", line))
+    return commands
+
+
+@pytest.mark.parametrize(("label", "line"), manifest_commands(), ids=ids(manifest_commands()))
+def test_manifest_config_loads(label, line):
+    from pipeline.config import load_config
+
+    # The shell expands $(date -u +%F) in the pod; any date stands in for it here.
+    words = line.replace("$(date -u +%F)", "2026-12-04").split()
+    configs = [word for word in words if word.startswith("/home/ray/sdi/configs/")]
+    assert len(configs) == 1, f"{label}: expected one config under /home/ray/sdi/configs"
+    local = ROOT / configs[0].removeprefix("/home/ray/sdi/")
+    assert local.is_file(), f"{label}: {configs[0]} is not in the image (no {local})"
+    overrides = [word for word in words if "=" in word and not word.startswith("-")]
+    config = load_config(local, overrides)
+    assert config.run_name == "nightly-2026-12-04"
+    assert config.store.startswith("s3://")
