@@ -26,9 +26,12 @@ from operators.hashing import HASH_VERSION, HashedAxis, count_sketch
 SKETCH_METHODS = ("tensorsketch", "exact")
 TENSOR_PATHS = ("auto", "fft", "direct")
 
-# Cost model of the two TensorSketch paths, in nanoseconds per example on one CPU thread
-# (AMD EPYC, AVX-512, measured with benchmarks/; see docs/benchmarks.md). Only their ratios
-# matter: the crossover they give is the decision.
+# Cost model of the two TensorSketch paths, in nanoseconds per example on one CPU thread.
+# Only the ratios matter, because the decision is which path is cheaper. Fitted to timings
+# of both paths per layer shape (batch 32, 18 tokens, m=2048) on a 2-core AMD EPYC with
+# AVX-512 and torch 2.13; `python -m benchmarks.run` compares the paths as whole stages.
+# NOTE: fitted on one CPU; on GPUs and other CPUs the crossover may sit elsewhere, and
+# sketch.path=fft or direct overrides it.
 COST_MATMUL = 0.037  # per token and matrix entry, batched d^T a
 COST_SCATTER = 0.47  # per matrix entry hashed into the buckets
 COST_COUNT_SKETCH = 0.9  # per token and feature, CountSketch of d and a
