@@ -212,7 +212,6 @@ class StepCapture:
 def _normalise(x: torch.Tensor, module: nn.LayerNorm) -> torch.Tensor:
     """Return the LayerNorm input normalised over its last dimension (x_hat), in float32 or wider."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(dtype)
-    mean = x.mean(dim=-1, keepdim=True)
-    variance = x.var(dim=-1, keepdim=True, unbiased=False)
-    return (x - mean) * torch.rsqrt(variance + module.eps)
+    # layer_norm without affine is exactly (x - mean) / sqrt(var + eps), in one fused kernel
+    # (x.var alone took about 10% of a narrow model's sketch stage).
+    return torch.nn.functional.layer_norm(x.to(dtype), x.shape[-1:], eps=module.eps)

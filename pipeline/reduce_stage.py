@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 from omegaconf import DictConfig
 
 from pipeline import fingerprint as fp
@@ -99,6 +100,21 @@ def checkpoint_eta(info: CheckpointInfo, override: float | None) -> float:
     return float(info.lr)
 
 
+def accumulate_products(
+    total: torch.Tensor, train: np.ndarray, test: np.ndarray, eta: float, block_size: int
+) -> None:
+    """Add eta * train @ test.T to the float64 `total`, in float32 blocks of train rows.
+
+    Each block's float32 product goes straight into its float64 rows (no full-size
+    float32 or float64 temporaries), so memory beyond `total` is one block.
+    """
+    test_matrix = torch.from_numpy(np.array(test, dtype=np.float32, copy=True)).T
+    train_matrix = torch.from_numpy(np.asarray(train, dtype=np.float32))
+    for start in range(0, train_matrix.shape[0], block_size):
+        block = train_matrix[start : start + block_size] @ test_matrix
+        total[start : start + block_size].add_(block, alpha=eta)
+
+
 def reduce_train_shard(
     store_spec: dict,
     run_name: str,
@@ -131,14 +147,9 @@ def reduce_train_shard(
             raise RuntimeError(
                 f"{train.source} lists different train examples than the other checkpoints"
             )
-        test_matrix = torch.tensor(test.values)  # object-store arrays are read-only
-        train_matrix = torch.tensor(train.values)
-        products = torch.empty(train_matrix.shape[0], test_matrix.shape[0], dtype=torch.float64)
-        for start in range(0, train_matrix.shape[0], block_size):
-            block = train_matrix[start : start + block_size] @ test_matrix.T
-            products[start : start + block_size] = block.double()
-        products *= eta
-        total = products if total is None else total + products
+        if total is None:
+            total = torch.zeros(len(train.example_ids), len(test.example_ids), dtype=torch.float64)
+        accumulate_products(total, train.values, test.values, eta, block_size)
 
     test = tests[0]
     test_ids = np.unique(test.example_ids)
