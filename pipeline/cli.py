@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage, help=f"run only the {stage} stage")
         sub.add_argument("config")
         sub.add_argument("overrides", nargs="*")
+    validate = commands.add_parser(
+        "validate", help="compare sketched SDI with exact SDI on a sample of a run's examples"
+    )
+    validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*")
     return parser
 
 
@@ -79,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.runner import open_run, run_pipeline
 
+    if args.command == "validate":
+        from pipeline.validate import format_summary, validate_run
+
+        run = open_run(config)
+        summary = validate_run(run, config)
+        print(format_summary(summary))
+        print(f"\nValidation: {run.url('validation')}")
+        return 0
     summary = run_pipeline(config)
     run = open_run(config)
     summary["storage_options"] = run.store.options
