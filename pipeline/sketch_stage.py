@@ -112,7 +112,7 @@ class SketchWorker:
         shard = read_shard(
             self.store, unit.shard, model.config.vocab_size, model.config.context_length
         )
-        per_step = unit.split == "test"
+        per_step = unit.split == "test" or bool(sketch.get("step_matrix", False))
         autocast = getattr(torch, sketch.autocast) if sketch.autocast else None
 
         parts, losses, finite = [], [], []
@@ -174,6 +174,7 @@ class SketchWorker:
             "seconds": seconds,
             "fingerprint": fingerprint,
             "non_finite": bad,
+            "per_step": per_step,
         }
         self.run.mark_done("sketch", unit.key, record)
         logger.info(
@@ -223,6 +224,8 @@ def pending_units(run: Run, units: list[SketchUnit], config: DictConfig) -> list
                 and fingerprint.get("sketch_dim") == config.sketch.dim
                 and fingerprint.get("sketch_method") == config.sketch.method
                 and fingerprint.get("sketch_seed") == config.sketch.seed
+                and record.get("per_step", unit.split == "test")
+                == (unit.split == "test" or bool(config.sketch.get("step_matrix", False)))
             ):
                 continue
         pending.append(unit)

@@ -181,3 +181,58 @@ def test_validate_refuses_a_run_without_checkpoints(tmp_path) -> None:
     config = load_config("configs/demo.yaml", [f"store={tmp_path}", *TINY])
     with pytest.raises(ValidationError, match="no checkpoints"):
         validate_run(open_run(config), config)
+
+
+@pytest.mark.parametrize("method", ["tensorsketch", "pooled", "exact"])
+def test_step_matrix_summed_over_train_steps_equals_sdi(method: str) -> None:
+    from operators.batching import collate
+    from operators.gradients import build_layout, sketch_batch
+    from tests.test_capture import make_model, random_examples
+
+    model = make_model()
+    batch = collate(*random_examples(4, 6, seed=3), pad_id=5)
+    layout = build_layout(model.body, method, 256, 0)
+    train_steps = sketch_batch(model, model.body, model.tau, batch, layout, True).sketches
+    train_total = sketch_batch(model, model.body, model.tau, batch, layout, False)
+    train_total = train_total.sketches[:, 0]
+    test_steps = train_steps.flip(0)  # any per-step test sketches of the same layout
+    matrix = torch.einsum("nsd,mtd->nmst", train_steps.double(), test_steps.double())
+    sdi = torch.einsum("nd,mtd->nmt", train_total.double(), test_steps.double())
+    assert torch.allclose(matrix.sum(dim=2), sdi, rtol=1e-5, atol=1e-6 * sdi.abs().max())
+
+
+def test_step_matrix_table_arranges_and_checks_conservation() -> None:
+    from pipeline.step_matrix import (
+        StepMatrixError,
+        collapse_steps,
+        step_matrix_table,
+        step_products,
+    )
+
+    rng = np.random.default_rng(0)
+    tau, dim = 3, 5
+    train_ids = np.array([7, 3])
+    # Rows in shuffled order: collapse_steps must sort them by (example_id, step).
+    ids = np.repeat(train_ids, tau)
+    steps = np.tile(np.arange(1, tau + 1), 2)
+    values = rng.normal(size=(2 * tau, dim)).astype(np.float32)
+    shuffle = rng.permutation(len(ids))
+    unique, totals, per_step = collapse_steps(ids[shuffle], steps[shuffle], values[shuffle])
+    assert unique.tolist() == [3, 7]
+    test_ids = np.array([100, 101])
+    test_values = rng.normal(size=(2 * tau, dim)).astype(np.float32)  # rows (test, step)
+    order = np.arange(2 * tau)
+    matrix = step_products(per_step, test_values, 0.5)
+    scores = 0.5 * np.einsum("nd,md->nm", totals.astype(np.float64), test_values)
+    scores = scores.reshape(2, 2, tau)
+    table = step_matrix_table(matrix, order, unique, test_ids, scores).to_pandas()
+    row = table[
+        (table.train_id == 7)
+        & (table.test_id == 101)
+        & (table.train_step == 2)
+        & (table.test_step == 3)
+    ]
+    expected = 0.5 * float(values[(ids == 7) & (steps == 2)][0] @ test_values[1 * tau + 2])
+    assert row.score.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(StepMatrixError, match="differs from SDI"):
+        step_matrix_table(matrix, order, unique, test_ids, scores + 1.0)
