@@ -88,7 +88,15 @@ def measure_reduce(
 
         def end_to_end() -> None:
             reduce_train_shard(
-                store.spec(), "bench", 0, train_paths, [1.0] * checkpoints, 10, 4096, *tests
+                store.spec(),
+                "bench",
+                0,
+                train_paths,
+                [1.0] * checkpoints,
+                10,
+                4096,
+                "benchmark",
+                *tests,
             )
 
         timings: dict[str, list[float]] = {}

@@ -6,7 +6,9 @@ A sketch layout assigns every body parameter a slot of the sketch vector and a m
   sketch dimension, where hashing would only add error);
 - `countsketch`: CountSketch of a 1-D gradient (biases, LayerNorm weights);
 - `tensorsketch`: TensorSketch of a 2-D Linear weight gradient sum_tokens d a^T, computed
-  from CountSketches of d and a without forming the matrix.
+  from CountSketches of d and a without forming the matrix;
+- `pooled`: CountSketch of every entry into one block shared by all pooled tensors
+  (`operators.projection`).
 
 Each estimator is unbiased per tensor, E<S(g), S(g')> = <g, g'>, and train and test sides
 that share a layout (same seed, names, shapes, dimension) are directly comparable.
@@ -22,8 +24,14 @@ import torch
 
 from operators.capture import ModuleUse, ParameterSpec
 from operators.hashing import HASH_VERSION, HashedAxis, count_sketch
+from operators.projection import (
+    POOLED_METHOD,
+    entry_axis,
+    pooled_uses_identity,
+    pooled_weight_sketch,
+)
 
-SKETCH_METHODS = ("tensorsketch", "exact")
+SKETCH_METHODS = ("tensorsketch", "exact", POOLED_METHOD)
 TENSOR_PATHS = ("auto", "fft", "direct")
 
 # Cost model of the two TensorSketch paths, in nanoseconds per example on one CPU thread.
@@ -48,7 +56,7 @@ class TensorSlot:
     """Where one parameter's sketch lives in the concatenated sketch vector."""
 
     spec: ParameterSpec
-    method: str  # identity, countsketch or tensorsketch
+    method: str  # identity, countsketch, tensorsketch or pooled
     offset: int
     width: int
     axes: tuple[HashedAxis, ...] = field(default=(), repr=False)
@@ -75,11 +83,23 @@ class SketchLayout:
         for spec in specs:
             slot = self._make_slot(spec, offset)
             self.slots.append(slot)
-            offset += slot.width
+            if slot.method != POOLED_METHOD:
+                offset += slot.width
+        if any(slot.method == POOLED_METHOD for slot in self.slots):
+            # Pooled tensors share one block of `dim` buckets after the exact ones.
+            for slot in self.slots:
+                if slot.method == POOLED_METHOD:
+                    slot.offset = offset
+            offset += dim
         self.total_dim = offset
         self.by_name = {slot.spec.name: slot for slot in self.slots}
 
     def _make_slot(self, spec: ParameterSpec, offset: int) -> TensorSlot:
+        if self.method == POOLED_METHOD:
+            if pooled_uses_identity(spec.numel, self.dim):
+                return TensorSlot(spec, "identity", offset, spec.numel)
+            axis = entry_axis(self.seed, spec.name, spec.numel, self.dim)
+            return TensorSlot(spec, POOLED_METHOD, offset, self.dim, (axis,))
         if self.method == "exact" or spec.numel <= self.dim:
             return TensorSlot(spec, "identity", offset, spec.numel)
         if len(spec.shape) == 2:
@@ -206,6 +226,8 @@ class SketchAccumulator:
         if slot.method == "identity":
             gradient = torch.einsum("bto,bti->boi", d, a)
             self._target(slot, row).add_(gradient.reshape(gradient.shape[0], -1))
+        elif slot.method == POOLED_METHOD:
+            self._target(slot, row).add_(pooled_weight_sketch(a, d, slot.axes[0]))
         elif self.layout.use_direct_path(slot, a.shape[1], 1 if self.per_step else self.tau):
             if self.per_step:
                 sketch = tensorsketch_direct(a, d, slot.axes[0], slot.axes[1])

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("report", help="write an HTML report of a finished run")
     )
     add_job_commands(commands)
+    validate = commands.add_parser(
+        "validate", help="compare sketched SDI with exact SDI on a sample of a run's examples"
+    )
+    validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*")
     return parser
 
 
@@ -119,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.analysis.results import run_counts
     from pipeline.runner import open_run, run_pipeline
 
+    if args.command == "validate":
+        from pipeline.validate import format_summary, validate_run
+
+        run = open_run(config)
+        summary = validate_run(run, config)
+        print(format_summary(summary))
+        print(f"\nValidation: {run.url('validation')}")
+        return 0
     summary = run_pipeline(config)
     run = open_run(config)
     summary["storage_options"] = run.store.options

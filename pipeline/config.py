@@ -63,14 +63,15 @@ class TrainConfig:
 
 @dataclass
 class SketchConfig:
-    method: str = "tensorsketch"  # tensorsketch or exact
-    dim: int = 2048  # buckets per parameter tensor
+    method: str = "tensorsketch"  # tensorsketch, pooled (operators/projection.py) or exact
+    dim: int = 2048  # buckets per parameter tensor (pooled: buckets shared by all tensors)
     seed: int = 0
     path: str = "auto"  # TensorSketch path: auto, fft or direct
     dtype: str = "float32"  # storage dtype: float32 or float16
     loss_reduction: str = "sum"  # per-example loss over target positions: sum or mean
     batch_size: int = 32
     autocast: str | None = None  # bfloat16 runs the forward under autocast
+    step_matrix: bool = False  # train side keeps per-step rows; reduce writes step_matrix/
 
 
 @dataclass
@@ -78,6 +79,21 @@ class ReduceConfig:
     topk: int = 10
     block_size: int = 4096  # train rows per matmul block
     eta: float | None = None  # one learning rate for every checkpoint instead of the stored ones
+
+
+@dataclass
+class ValidateConfig:
+    """`sdi validate`: sketched against exact SDI on a sample of a run's examples."""
+
+    n_train: int = 64  # train examples sampled (the first of each shard, in id order)
+    n_test: int = 32
+    methods: list[str] = field(default_factory=lambda: ["tensorsketch", "pooled"])
+    dims: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    all_sketched: bool = True  # also run tensorsketch with every tensor sketched
+    topk: int = 10
+    reference: str = "auto"  # auto, true or false: compare with step-decomposed-influence
+    batch_size: int = 32
 
 
 @dataclass
@@ -115,13 +131,14 @@ class PipelineConfig:
     sketch: SketchConfig = field(default_factory=SketchConfig)
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 STAGES = ("prepare", "train", "sketch", "reduce")
 # Keys that change where or how a run executes but not what it computes; they are left
 # out of the run's configuration fingerprint.
-EXECUTION_KEYS = ("store", "overwrite", "stages", "ray", "storage")
+EXECUTION_KEYS = ("store", "overwrite", "stages", "ray", "storage", "validate")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -150,7 +167,7 @@ def validate(config: DictConfig) -> None:
     """Check values that the schema's types cannot express."""
     choices = {
         "task.name": ("parity", "sudoku"),
-        "sketch.method": ("tensorsketch", "exact"),
+        "sketch.method": ("tensorsketch", "pooled", "exact"),
         "sketch.path": ("auto", "fft", "direct"),
         "sketch.dtype": ("float32", "float16"),
         "sketch.loss_reduction": ("sum", "mean"),
@@ -177,7 +194,7 @@ def validate(config: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(config, key)}")
-    if config.sketch.method == "tensorsketch" and config.sketch.dim < 2:
+    if config.sketch.method != "exact" and config.sketch.dim < 2:
         raise ConfigError(f"sketch.dim must be at least 2, got {config.sketch.dim}")
     for key in ("model.factory", "model.loss"):
         module, colon, attribute = str(OmegaConf.select(config, key)).partition(":")

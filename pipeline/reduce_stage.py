@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import fingerprint as fp
+from pipeline import step_matrix as sm
 from pipeline.checkpoints import CheckpointInfo, list_checkpoints
 from pipeline.progress import gather
 from pipeline.run import Run
@@ -138,9 +139,17 @@ def reduce_train_shard(
     run = Run(store, run_name)
     total = None
     train_ids = None
+    matrix = None
     for path, eta, test in zip(train_paths, etas, tests, strict=True):
         train = read_sketches(store, [path])
         fp.check_compatible(test.fingerprint, train.fingerprint, test.source, train.source)
+        # With sketch.step_matrix the train rows are per step; scores use their sum.
+        train.example_ids, train.values, per_step = sm.collapse_steps(
+            train.example_ids, train.steps, train.values
+        )
+        if per_step is not None:
+            block = sm.step_products(per_step, test.values, eta)
+            matrix = block if matrix is None else matrix + block
         if train_ids is None:
             train_ids = train.example_ids
         elif not np.array_equal(train_ids, train.example_ids):
@@ -183,6 +192,12 @@ def reduce_train_shard(
         run.rel("tracin", f"part-{part:05d}.parquet"),
         tracin_table.replace_schema_metadata(metadata),
     )
+    if matrix is not None:
+        table = sm.step_matrix_table(matrix, order, train_ids, test_ids, scores)
+        store.write_table(
+            run.rel("step_matrix", f"part-{part:05d}.parquet"),
+            table.replace_schema_metadata(metadata),
+        )
     candidates = topk_candidates(scores, tracin, train_ids, test_ids, topk)
     store.write_table(
         run.rel("_work", "topk", f"part-{part:05d}.parquet"), pa.Table.from_pandas(candidates)

@@ -179,7 +179,7 @@ class SketchWorker:
         shard = read_shard(
             self.store, unit.shard, spec.config["vocab_size"], spec.config["context_length"]
         )
-        per_step = unit.split == "test"
+        per_step = unit.split == "test" or bool(sketch.get("step_matrix", False))
         autocast = getattr(torch, sketch.autocast) if sketch.autocast else None
 
         parts, losses, finite = [], [], []
@@ -246,6 +246,7 @@ class SketchWorker:
             "non_finite": bad,
             "cache_key": self._cache_key,
             "cached": False,
+            "per_step": per_step,
         }
         self.run.mark_done("sketch", unit.key, record)
         logger.info(
@@ -297,6 +298,8 @@ def pending_units(run: Run, units: list[SketchUnit], config: DictConfig) -> list
                 and fingerprint.get("sketch_seed") == config.sketch.seed
                 and fingerprint.get("dtype") == config.sketch.dtype
                 and fingerprint.get("loss_reduction") == config.sketch.loss_reduction
+                and record.get("per_step", unit.split == "test")
+                == (unit.split == "test" or bool(config.sketch.get("step_matrix", False)))
             ):
                 continue
         pending.append(unit)
