@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +118,21 @@ def accumulate_products(
         total[start : start + block_size].add_(block, alpha=eta)
 
 
+def prefetched_sketches(store: Store, paths: list[str]) -> Iterator[SketchMatrix]:
+    """Yield each file's sketches while the next file is read in a background thread.
+
+    pyarrow's reader and torch's matmul both release the GIL, so reading checkpoint k+1
+    overlaps the inner products of checkpoint k.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdi-prefetch") as pool:
+        pending = pool.submit(read_sketches, store, [paths[0]]) if paths else None
+        for index in range(len(paths)):
+            current = pending.result()
+            if index + 1 < len(paths):
+                pending = pool.submit(read_sketches, store, [paths[index + 1]])
+            yield current
+
+
 def reduce_train_shard(
     store_spec: dict,
     run_name: str,
@@ -140,8 +157,8 @@ def reduce_train_shard(
     total = None
     train_ids = None
     matrix = None
-    for path, eta, test in zip(train_paths, etas, tests, strict=True):
-        train = read_sketches(store, [path])
+    trains = prefetched_sketches(store, train_paths)
+    for train, eta, test in zip(trains, etas, tests, strict=True):
         fp.check_compatible(test.fingerprint, train.fingerprint, test.source, train.source)
         # With sketch.step_matrix the train rows are per step; scores use their sum.
         train.example_ids, train.values, per_step = sm.collapse_steps(

