@@ -142,3 +142,17 @@ def test_sketched_run_conserves_tracin(tmp_path, ray_session) -> None:
     summed = scores.groupby(["test_id", "train_id"])["score"].sum()
     joined = tracin.set_index(["test_id", "train_id"])["score"]
     np.testing.assert_allclose(joined.loc[summed.index], summed, rtol=1e-10)
+
+
+def test_step_matrix_sums_to_sdi(tmp_path, ray_session) -> None:
+    config = tiny_config(tmp_path, "run_name=steps", "sketch.step_matrix=true")
+    run_pipeline(config)
+    run = open_run(config)
+    matrix = pd.read_parquet(run.url("step_matrix"))
+    scores = pd.read_parquet(run.url("scores"))
+    assert len(matrix) == 4 * 10 * 3 * 3
+    assert not matrix.duplicated(["test_id", "train_id", "train_step", "test_step"]).any()
+    summed = matrix.groupby(["test_id", "train_id", "test_step"])["score"].sum()
+    summed.index = summed.index.set_names("step", level="test_step")
+    expected = scores.set_index(["test_id", "train_id", "step"])["score"]
+    np.testing.assert_allclose(summed.loc[expected.index], expected, rtol=1e-5, atol=1e-9)
