@@ -121,10 +121,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdi: {error}", file=sys.stderr)
         return 2
 
+    try:
+        return run_command(args.command, config)
+    except user_errors() as error:
+        # Errors raised in Ray workers arrive wrapped; show the original message only.
+        cause = getattr(error, "cause", None) or error
+        print(f"sdi: {cause}", file=sys.stderr)
+        return 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Return the exception types that mean bad input or state, not a bug: no traceback."""
+    from operators.capture import CaptureError
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.data import DataError
+    from pipeline.devices import PlacementError
+    from pipeline.fingerprint import FingerprintMismatchError
+    from pipeline.models import ModelSpecError
+    from pipeline.reduce_stage import EtaError
+    from pipeline.run import RunConfigMismatchError
+    from pipeline.step_matrix import StepMatrixError
+    from pipeline.store import StoreError
+    from pipeline.validate import ValidationError
+
+    return (
+        CaptureError,
+        CheckpointError,
+        DataError,
+        PlacementError,
+        FingerprintMismatchError,
+        ModelSpecError,
+        EtaError,
+        RunConfigMismatchError,
+        StepMatrixError,
+        StoreError,
+        ValidationError,
+    )
+
+
+def run_command(command: str, config) -> int:
+    """Run `validate`, the whole pipeline or one stage, and print the summary."""
     from pipeline.analysis.results import run_counts
     from pipeline.runner import open_run, run_pipeline
 
-    if args.command == "validate":
+    if command == "validate":
         from pipeline.validate import format_summary, validate_run
 
         run = open_run(config)

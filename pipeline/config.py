@@ -136,9 +136,21 @@ class PipelineConfig:
 
 
 STAGES = ("prepare", "train", "sketch", "reduce")
-# Keys that change where or how a run executes but not what it computes; they are left
-# out of the run's configuration fingerprint.
-EXECUTION_KEYS = ("store", "overwrite", "stages", "ray", "storage", "validate")
+# Keys left out of the configuration a run records and compares on re-runs: they change
+# where or how the run executes, not its sketches. The reduce settings are absent too,
+# because the reduce stage keys its own completion markers on a digest of its inputs
+# (checkpoints, etas, top-k), so changing them recomputes only the scores.
+EXECUTION_KEYS = (
+    "store",
+    "overwrite",
+    "stages",
+    "ray",
+    "storage",
+    "validate",
+    "reduce",
+    "sketch.batch_size",
+    "sketch.path",
+)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -177,6 +189,17 @@ def validate(config: DictConfig) -> None:
         value = OmegaConf.select(config, key)
         if str(value) not in allowed:
             raise ConfigError(f"{key}={value!r} is invalid; choose one of {allowed}")
+    if config.task.name in ("parity", "sudoku"):
+        from operators.tasks import make_task
+
+        try:
+            make_task(config.task)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    if config.train.num_checkpoints < 1:
+        raise ConfigError(
+            f"train.num_checkpoints must be at least 1, got {config.train.num_checkpoints}"
+        )
     for stage in config.stages:
         if stage not in STAGES:
             raise ConfigError(f"stages contains {stage!r}; valid stages are {STAGES}")
@@ -219,5 +242,9 @@ def semantic_config(config: DictConfig) -> dict[str, Any]:
     """Return the part of the configuration that determines a run's results."""
     data = OmegaConf.to_container(config, resolve=True)
     for key in EXECUTION_KEYS:
-        data.pop(key, None)
+        *parents, leaf = key.split(".")
+        section = data
+        for parent in parents:
+            section = section.get(parent, {})
+        section.pop(leaf, None)
     return data

@@ -46,21 +46,32 @@ def cluster_placement(ray_config: DictConfig) -> Placement:
 
 
 class SketchPool:
-    """A fixed set of sketch actors fed work units through ray.util.ActorPool."""
+    """A fixed set of sketch actors fed work units through ray.util.ActorPool.
+
+    Actors start on the first `map` call with work, so a re-run with nothing pending
+    starts none.
+    """
 
     def __init__(
         self, worker_class: type, store_spec: dict, config: dict, ray_config: DictConfig
     ) -> None:
-        placement = cluster_placement(ray_config)
+        self.worker_class = worker_class
+        self.store_spec = store_spec
+        self.config = config
+        self.ray_config = ray_config
+        self.actors: list[Any] = []
+
+    def _start(self) -> None:
+        placement = cluster_placement(self.ray_config)
         self.gpu = placement.gpu
         # A unit is idempotent (fixed output key, one put, marker last), so when an actor's
         # process dies Ray restarts it and re-sends the unit it was working on.
-        restarts = int(ray_config.get("actor_restarts", 3))
-        remote_class = ray.remote(worker_class).options(
+        restarts = int(self.ray_config.get("actor_restarts", 3))
+        remote_class = ray.remote(self.worker_class).options(
             **placement.resources, max_restarts=restarts, max_task_retries=restarts
         )
         self.actors = [
-            remote_class.remote(store_spec, config, placement.gpu, placement.threads)
+            remote_class.remote(self.store_spec, self.config, placement.gpu, placement.threads)
             for _ in range(placement.count)
         ]
         logger.info(
@@ -71,13 +82,29 @@ class SketchPool:
         )
 
     def map(self, items: list[Any]) -> list[Any]:
-        """Run `process` on every item, returning results in completion order."""
+        """Run `process` on every item, returning results in completion order.
+
+        When a unit fails, the units already handed to other actors are waited for before
+        the error is raised, so none of them writes its output after the stage has ended.
+        """
+        if not items:
+            return []
+        if not self.actors:
+            self._start()
         pool = ActorPool(self.actors)
         results = []
         finished = pool.map_unordered(lambda actor, item: actor.process.remote(item), items)
-        for done, result in enumerate(progress(finished, "sketch", total=len(items)), 1):
-            results.append(result)
-            logger.info("sketch progress: %d/%d units (%s)", done, len(items), result["key"])
+        try:
+            for done, result in enumerate(progress(finished, "sketch", total=len(items)), 1):
+                results.append(result)
+                logger.info("sketch progress: %d/%d units (%s)", done, len(items), result["key"])
+        except Exception:
+            while pool.has_next():
+                try:
+                    pool.get_next_unordered()
+                except Exception as other:  # already failing; log and keep draining
+                    logger.warning("sketch unit also failed while stopping: %s", other)
+            raise
         return results
 
     def shutdown(self) -> None:

@@ -201,7 +201,7 @@ def reduce_train_shard(
             "score": tracin.reshape(-1),
         }
     )
-    metadata = fp.encode(test.fingerprint | {"checkpoints": len(train_paths)})
+    metadata = fp.encode(score_fingerprint(tests, etas))
     store.write_table(
         run.rel("scores", f"part-{part:05d}.parquet"), step_table.replace_schema_metadata(metadata)
     )
@@ -341,7 +341,9 @@ def run_reduce(
         [run.store.read_table(path).to_pandas() for path in parts], ignore_index=True
     )
     topk = merge_topk(candidates, config.reduce.topk)
-    run.store.write_table(topk_path, pa.Table.from_pandas(topk, preserve_index=False))
+    topk_table = pa.Table.from_pandas(topk, preserve_index=False)
+    metadata = (topk_table.schema.metadata or {}) | fp.encode(score_fingerprint(tests, etas))
+    run.store.write_table(topk_path, topk_table.replace_schema_metadata(metadata))
     flagged = write_flagged(run, checkpoints, shards)
     run.mark_done("reduce", "topk", {"inputs": inputs})
     run.store.write_json(
@@ -356,6 +358,19 @@ def run_reduce(
         },
     )
     return {"parts": len(shards["train"]), "computed": len(results), "skipped": skipped}
+
+
+def score_fingerprint(tests: tuple | list, etas: list[float]) -> dict[str, Any]:
+    """Return the fingerprint stored with score files: the sketches' one, for every checkpoint.
+
+    The sketch fingerprint's single `checkpoint_hash` becomes `checkpoint_hashes`, one per
+    checkpoint in the sum, next to the eta used for each.
+    """
+    fingerprint = dict(tests[0].fingerprint)
+    fingerprint.pop("checkpoint_hash", None)
+    fingerprint["checkpoint_hashes"] = [test.fingerprint.get("checkpoint_hash") for test in tests]
+    fingerprint["etas"] = list(etas)
+    return fingerprint
 
 
 def reduce_inputs(

@@ -83,6 +83,7 @@ class Run:
         """
         current = semantic_config(config)
         path = self.rel("config.yaml")
+        recorded = None
         if self.store.exists(path):
             recorded = OmegaConf.to_container(
                 OmegaConf.create(self.store.read_bytes(path).decode())
@@ -98,7 +99,9 @@ class Run:
                     )
                 logger.warning("run %s: overwriting (%s)", self.name, difference)
                 self.store.delete(self.name, recursive=True)
-        self.store.write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(current)).encode())
+                recorded = None
+        if recorded is None:
+            self.store.write_bytes(path, OmegaConf.to_yaml(OmegaConf.create(current)).encode())
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> str:

@@ -24,7 +24,12 @@ from operators.gradients import build_layout, sketch_batch
 from operators.tasks import make_task
 from pipeline import fingerprint as fp
 from pipeline import sketch_cache
-from pipeline.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
+from pipeline.checkpoints import (
+    CheckpointError,
+    CheckpointInfo,
+    list_checkpoints,
+    load_checkpoint,
+)
 from pipeline.data import read_shard
 from pipeline.devices import worker_device
 from pipeline.models import ModelSpec, resolve_body, resolve_loss
@@ -312,7 +317,7 @@ def run_sketch(
     """Sketch every pending unit on the actor pool and write the stage manifest last."""
     checkpoints = list_checkpoints(run)
     if not checkpoints:
-        raise RuntimeError(
+        raise CheckpointError(
             f"run {run.name}: no checkpoints under {run.url('checkpoints')}; run the train stage first"
         )
     warn_duplicate_checkpoints(run, checkpoints)
@@ -325,7 +330,9 @@ def run_sketch(
         "units": [unit.key for unit in units],
         "checkpoints": [info.step for info in checkpoints],
     }
-    run.store.write_json(run.manifest("sketch"), manifest)
+    unchanged = not results and run.store.exists(run.manifest("sketch"))
+    if not unchanged or run.store.read_json(run.manifest("sketch")) != manifest:
+        run.store.write_json(run.manifest("sketch"), manifest)
     reused = sum(1 for result in results if result.get("cached"))
     return {"units": len(units), "computed": len(results) - reused, "reused": reused}
 
