@@ -15,6 +15,7 @@ from pipeline import fingerprint as fp
 from pipeline.reduce_stage import (
     SketchMatrix,
     accumulate_products,
+    prefetched_sketches,
     read_sketches,
     reduce_train_shard,
 )
@@ -78,9 +79,10 @@ def measure_reduce(
 
         def read_and_kernel() -> None:
             total = torch.zeros(n_train, n_test * tau, dtype=torch.float64)
-            for path, test in zip(train_paths, tests, strict=True):
-                train = read_sketches(store, [path]).values
-                accumulate_products(total, train, test.values, 1.0, 4096)
+            # The reduce task's own loop: the next file is read while this one multiplies.
+            trains = prefetched_sketches(store, train_paths)
+            for train, test in zip(trains, tests, strict=True):
+                accumulate_products(total, train.values, test.values, 1.0, 4096)
 
         def read() -> None:
             for path in train_paths:

@@ -41,7 +41,7 @@ PRESETS = {
         "widths": [64, 256, 512],
         "vmap_widths": [64, 128, 256],
         "repeats": 5,
-        "reduce": [(2048, 64)],
+        "reduce": [(2048, 64), (2048, 256)],
         "actor_batches": 4,
         "sweep_repeats": 2,
     },

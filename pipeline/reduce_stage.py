@@ -355,6 +355,7 @@ def run_reduce(
             "etas": etas,
             "inputs": inputs,
             "flagged": flagged,
+            "topk": config.reduce.topk,
         },
     )
     return {"parts": len(shards["train"]), "computed": len(results), "skipped": skipped}

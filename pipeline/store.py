@@ -193,7 +193,7 @@ class Store:
     def read_table(self, relative: str, columns: list[str] | None = None) -> pa.Table:
         data = self.read_bytes(relative)
         try:
-            return pq.read_table(io.BytesIO(data), columns=columns)
+            return pq.read_table(pa.BufferReader(data), columns=columns)
         except (pa.ArrowInvalid, OSError) as error:
             raise StoreError(
                 f"Parquet file {self.display(relative)} is corrupt or truncated ({error}); "
@@ -204,7 +204,7 @@ class Store:
         """Return the key-value metadata of a Parquet file's schema."""
         data = self.read_bytes(relative)
         try:
-            schema = pq.read_schema(io.BytesIO(data))
+            schema = pq.read_schema(pa.BufferReader(data))
         except (pa.ArrowInvalid, OSError) as error:
             raise StoreError(
                 f"Parquet file {self.display(relative)} is corrupt or truncated ({error})"

@@ -102,7 +102,7 @@ def top_influences(
     requested = _steps(results, steps)
     _check_test_id(results, test_id)
 
-    stored_k = int(results.config.reduce.topk)
+    stored_k = results.topk_depth
     if k <= stored_k and results.has_table("topk"):
         where = (
             (ds.field("test_id") == test_id)

@@ -66,6 +66,14 @@ class RunResults:
         """The configuration recorded with the run."""
         return OmegaConf.create(self.run.store.read_bytes(self.run.rel("config.yaml")).decode())
 
+    @cached_property
+    def topk_depth(self) -> int:
+        """Rows per (test, step, direction) in the stored `topk` table; 0 when unknown."""
+        manifest = self.run.manifest("reduce")
+        if not self.run.store.exists(manifest):
+            return 0
+        return int(self.run.store.read_json(manifest).get("topk", 0))
+
     @property
     def tau(self) -> int:
         return int(self.config.model.tau)
