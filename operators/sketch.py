@@ -102,6 +102,10 @@ class SketchLayout:
             return TensorSlot(spec, POOLED_METHOD, offset, self.dim, (axis,))
         if self.method == "exact" or spec.numel <= self.dim:
             return TensorSlot(spec, "identity", offset, spec.numel)
+        return self._hashed_slot(spec, offset)
+
+    def _hashed_slot(self, spec: ParameterSpec, offset: int) -> TensorSlot:
+        """Return a TensorSketch slot for a 2-D weight, a CountSketch slot otherwise."""
         if len(spec.shape) == 2:
             out_features, in_features = spec.shape
             axes = (

@@ -31,7 +31,6 @@ from omegaconf import DictConfig
 from operators.batching import collate
 from operators.capture import body_parameter_specs
 from operators.gradients import sketch_batch
-from operators.hashing import HashedAxis
 from operators.model import LoopedGPT, per_example_loss
 from operators.sketch import SketchLayout, TensorSlot
 from operators.tasks import make_task
@@ -58,15 +57,7 @@ class AllSketchedLayout(SketchLayout):
         self.method = ALL_SKETCHED
 
     def _make_slot(self, spec, offset: int) -> TensorSlot:
-        if len(spec.shape) == 2:
-            out_features, in_features = spec.shape
-            axes = (
-                HashedAxis(self.seed, spec.name, "out", out_features, self.dim),
-                HashedAxis(self.seed, spec.name, "in", in_features, self.dim),
-            )
-            return TensorSlot(spec, "tensorsketch", offset, self.dim, axes)
-        axis = HashedAxis(self.seed, spec.name, "vector", spec.numel, self.dim)
-        return TensorSlot(spec, "countsketch", offset, self.dim, (axis,))
+        return self._hashed_slot(spec, offset)
 
 
 @dataclass
