@@ -16,11 +16,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    name: str = "parity"  # parity or sudoku
+    name: str = "parity"  # parity, sudoku, or parquet (your own examples)
     n_bits: int = 8  # parity: bits per example
     targets: str = "running"  # parity: "running" (every position) or "final" (answer only)
     size: int = 4  # sudoku: grid size (4 or 9)
     min_givens: int | None = None  # sudoku: stop removing cells at this many givens
+    # parquet: Parquet files or folders (local or s3://) with input_ids and targets columns
+    # (list of int, targets -100 where there is no loss) and optionally example_id.
+    train_path: str | None = None
+    test_path: str | None = None
+    vocab_size: int | None = None  # parquet: token ids lie in [0, vocab_size)
+    context_length: int | None = None  # parquet: longest sequence the model takes
+    pad_id: int = 0  # parquet: token id used for padding (masked, carries no loss)
     n_train: int = 256
     n_test: int = 32
     seed: int = 0
@@ -178,7 +185,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(config: DictConfig) -> None:
     """Check values that the schema's types cannot express."""
     choices = {
-        "task.name": ("parity", "sudoku"),
+        "task.name": ("parity", "sudoku", "parquet"),
         "sketch.method": ("tensorsketch", "pooled", "exact"),
         "sketch.path": ("auto", "fft", "direct"),
         "sketch.dtype": ("float32", "float16"),
@@ -189,7 +196,12 @@ def validate(config: DictConfig) -> None:
         value = OmegaConf.select(config, key)
         if str(value) not in allowed:
             raise ConfigError(f"{key}={value!r} is invalid; choose one of {allowed}")
-    if config.task.name in ("parity", "sudoku"):
+    if config.task.name == "parquet" and not (config.task.train_path and config.task.test_path):
+        raise ConfigError(
+            "task.name=parquet needs task.train_path and task.test_path (Parquet files or "
+            "folders with input_ids and targets columns)"
+        )
+    if config.task.name in ("parity", "sudoku", "parquet"):
         from operators.tasks import make_task
 
         try:

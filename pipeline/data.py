@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
+
 from operators.tasks.base import IGNORE_INDEX
 from pipeline.store import Store
 
@@ -33,23 +35,34 @@ def read_shard(store: Store, path: str, vocab_size: int, context_length: int) ->
     the vocabulary, or a sequence longer than the context.
     """
     table = store.read_table(path)
-    display = store.display(path)
+    shard = shard_from_table(table, path, store.display(path))
+    check_examples(shard, store.display(path), vocab_size, context_length)
+    return shard
+
+
+def shard_from_table(table: pa.Table, path: str, display: str) -> Shard:
+    """Return the examples of a table with example_id, input_ids and targets columns."""
     missing = {"example_id", "input_ids", "targets"} - set(table.column_names)
     if missing:
-        raise DataError(f"data shard {display} lacks columns {sorted(missing)}")
+        raise DataError(f"data file {display} lacks columns {sorted(missing)}")
     if table.num_rows == 0:
-        raise DataError(f"data shard {display} has no examples; remove it or add examples")
-
-    shard = Shard(
+        raise DataError(f"data file {display} has no examples; remove it or add examples")
+    return Shard(
         path=path,
         example_ids=table.column("example_id").to_pylist(),
         input_ids=table.column("input_ids").to_pylist(),
         targets=table.column("targets").to_pylist(),
     )
+
+
+def check_examples(shard: Shard, display: str, vocab_size: int, context_length: int) -> None:
+    """Raise DataError for the first example the model cannot take, naming file and id."""
     for example_id, ids, targets in zip(
         shard.example_ids, shard.input_ids, shard.targets, strict=True
     ):
         where = f"example_id={example_id} in {display}"
+        if example_id is None:
+            raise DataError(f"an example in {display} has no example_id; give every row an id")
         if not ids:
             raise DataError(f"{where} has no tokens; drop it or give it at least one token")
         if targets is None or len(targets) != len(ids):
@@ -73,5 +86,4 @@ def read_shard(store: Store, path: str, vocab_size: int, context_length: int) ->
                 f"and not the ignore value {IGNORE_INDEX}"
             )
     if len(set(shard.example_ids)) != len(shard.example_ids):
-        raise DataError(f"data shard {display} repeats example ids; ids must be unique")
-    return shard
+        raise DataError(f"data file {display} repeats example ids; ids must be unique")

@@ -18,4 +18,13 @@ def make_task(config: Any) -> Task:
         from operators.tasks.sudoku import SudokuTask
 
         return SudokuTask(size=config.size, min_givens=config.min_givens)
-    raise ValueError(f"task.name={config.name!r} is unknown; use parity or sudoku")
+    if config.name == "parquet":
+        from operators.tasks.tokens import TokenTask
+
+        if config.vocab_size is None or config.context_length is None:
+            raise ValueError(
+                "task.name=parquet needs task.vocab_size and task.context_length "
+                "(the longest sequence the model takes)"
+            )
+        return TokenTask(config.vocab_size, config.context_length, config.pad_id)
+    raise ValueError(f"task.name={config.name!r} is unknown; use parity, sudoku or parquet")
