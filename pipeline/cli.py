@@ -140,6 +140,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.models import ModelSpecError
     from pipeline.reduce_stage import EtaError
     from pipeline.run import RunConfigMismatchError
+    from pipeline.sketch_stage import SketchOverflowError
     from pipeline.step_matrix import StepMatrixError
     from pipeline.store import StoreError
     from pipeline.validate import ValidationError
@@ -153,6 +154,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ModelSpecError,
         EtaError,
         RunConfigMismatchError,
+        SketchOverflowError,
         StepMatrixError,
         StoreError,
         ValidationError,

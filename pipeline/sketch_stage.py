@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
 TRAIN_TOTAL_STEP = 0  # `step` value of a train-side row that holds the sum over steps
+FLOAT16_MAX = 65504.0
+
+
+class SketchOverflowError(ValueError):
+    """A sketch value does not fit the storage dtype."""
 
 
 @dataclass
@@ -72,6 +77,13 @@ def sketch_table(
     count, rows, dim = sketches.shape
     steps = np.arange(1, rows + 1) if per_step else np.array([TRAIN_TOTAL_STEP])
     flat = sketches.detach().to(torch.float32).cpu().numpy().reshape(-1)
+    if dtype == "float16":
+        largest = float(np.abs(flat).max()) if flat.size else 0.0
+        if largest > FLOAT16_MAX:
+            raise SketchOverflowError(
+                f"a sketch value of {largest:.4g} exceeds float16's largest value {FLOAT16_MAX} "
+                f"(example ids {example_ids[0]}..{example_ids[-1]}); set sketch.dtype=float32"
+            )
     values = pa.array(flat.astype(np.float16 if dtype == "float16" else np.float32))
     table = pa.table(
         {

@@ -25,7 +25,7 @@ from pipeline.reduce_stage import (
     write_flagged,
 )
 from pipeline.run import Run, RunConfigMismatchError
-from pipeline.sketch_stage import sketch_table, warn_duplicate_checkpoints
+from pipeline.sketch_stage import SketchOverflowError, sketch_table, warn_duplicate_checkpoints
 from pipeline.store import Store, StoreError
 
 VOCAB, CONTEXT = 4, 8
@@ -251,6 +251,20 @@ def test_float16_products_above_65504_accumulate_in_float32(store) -> None:
     got = scores.sort_values(["train_id", "test_id", "step"])["score"].to_numpy()
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected.reshape(-1), rtol=1e-6)
+
+
+def test_float16_sketch_value_overflow_raises(store) -> None:
+    sketches = torch.full((2, 1, 8), 1.0)
+    sketches[1, 0, 3] = 7e4
+    with pytest.raises(SketchOverflowError, match="exceeds float16.*sketch.dtype=float32"):
+        sketch_table(
+            [5, 6], sketches, torch.zeros(2), torch.ones(2, dtype=torch.bool), False, "float16", {}
+        )
+    # The same values are stored exactly in float32.
+    table = sketch_table(
+        [5, 6], sketches, torch.zeros(2), torch.ones(2, dtype=torch.bool), False, "float32", {}
+    )
+    assert table.column("sketch").combine_chunks().flatten().to_numpy().max() == 7e4
 
 
 def test_corrupt_parquet_metadata_is_named(store) -> None:
