@@ -149,7 +149,6 @@ def reduce_train_shard(
     `tests` holds one test sketch matrix per checkpoint; they come last so that Ray
     resolves them from the object store (it resolves only top-level arguments).
     """
-    import torch
 
     started = time.perf_counter()
     store = Store.from_spec(store_spec)
