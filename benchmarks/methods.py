@@ -21,7 +21,7 @@ DENSE_PROJECTION_BYTES = 2 << 30
 
 
 class Infeasible(RuntimeError):
-    """The method cannot run at this shape on this machine; the message says why."""
+    """The method cannot run at this shape on this machine; the message gives the reason."""
 
 
 def plain(shape: Shape) -> Callable[[], None]:

@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    preset_name = "micro" if args.micro else "quick" if args.quick else "full"
+    preset_name = "full"
+    if args.micro:
+        preset_name = "micro"
+    elif args.quick:
+        preset_name = "quick"
     preset = PRESETS[preset_name]
     torch.set_num_threads(args.threads)
     base = Shape(**preset.get("shape", {}))

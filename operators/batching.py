@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +54,12 @@ def collate(
         labels[row, : len(target)] = torch.as_tensor(target, dtype=torch.long)
         mask[row, : len(sequence)] = True
     return Batch(ids, labels, mask)
+
+
+def iter_batches(
+    input_ids: list[list[int]], targets: list[list[int]], pad_id: int, batch_size: int
+) -> Iterator[Batch]:
+    """Yield consecutive padded batches of at most `batch_size` examples, in order."""
+    for start in range(0, len(input_ids), batch_size):
+        end = start + batch_size
+        yield collate(input_ids[start:end], targets[start:end], pad_id)

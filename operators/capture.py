@@ -29,7 +29,7 @@ class CaptureError(RuntimeError):
 
 @dataclass(frozen=True)
 class ParameterSpec:
-    """One body parameter as the capture sees it.
+    """One body parameter as recorded by the capture.
 
     `name` is relative to the body module (`layers.0.attn.qkv.weight`); `role` is one of
     `linear.weight`, `linear.bias`, `layernorm.weight`, `layernorm.bias`.

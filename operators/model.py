@@ -9,7 +9,7 @@ The model has three parts:
 
 `LoopedGPT.body` is the module whose parameters are attributed step by step. Every
 parameter of the body lives in an `nn.Linear` or `nn.LayerNorm`, so gradient capture
-(`operators.capture`) sees each use of each parameter.
+(`operators.capture`) records each use of each parameter.
 """
 
 from __future__ import annotations

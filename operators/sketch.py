@@ -53,7 +53,7 @@ DIRECT_BLOCK_ELEMENTS = 1 << 21
 
 @dataclass
 class TensorSlot:
-    """Where one parameter's sketch lives in the concatenated sketch vector."""
+    """Location and method of one parameter's sketch in the concatenated sketch vector."""
 
     spec: ParameterSpec
     method: str  # identity, countsketch, tensorsketch or pooled

@@ -31,7 +31,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class CheckpointInfo:
-    """What the pipeline needs to know about one checkpoint without loading its weights."""
+    """Metadata of one checkpoint, read without loading its weights."""
 
     step: int
     lr: float | None

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 class TaskConfig:
     name: str = "parity"  # parity, sudoku, or parquet (your own examples)
     n_bits: int = 8  # parity: bits per example
-    targets: str = "running"  # parity: "running" (every position) or "final" (answer only)
+    targets: str = "running"  # parity: "running" (every position) or "final" (final parity only)
     size: int = 4  # sudoku: grid size (4 or 9)
     min_givens: int | None = None  # sudoku: stop removing cells at this many givens
     # parquet: Parquet files or folders (local or s3://) with input_ids and targets columns
@@ -26,7 +26,7 @@ class TaskConfig:
     train_path: str | None = None
     test_path: str | None = None
     vocab_size: int | None = None  # parquet: token ids lie in [0, vocab_size)
-    context_length: int | None = None  # parquet: longest sequence the model takes
+    context_length: int | None = None  # parquet: maximum sequence length the model takes
     pad_id: int = 0  # parquet: token id used for padding (masked, carries no loss)
     n_train: int = 256
     n_test: int = 32

@@ -11,7 +11,7 @@ from pipeline.store import Store
 
 
 class DataError(ValueError):
-    """A data shard holds examples the model cannot take."""
+    """A data shard contains examples the model cannot take."""
 
 
 @dataclass

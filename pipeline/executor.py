@@ -1,4 +1,4 @@
-"""Where the stages run: a local Ray instance or an existing cluster, and a pool of sketch actors."""
+"""Execution of the stages on a local Ray instance or an existing cluster, with a pool of sketch actors."""
 
 from __future__ import annotations
 

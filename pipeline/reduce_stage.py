@@ -146,7 +146,7 @@ def reduce_train_shard(
 ) -> dict[str, Any]:
     """Score one train shard against every test example, step by step, over all checkpoints.
 
-    `tests` holds one test sketch matrix per checkpoint; they come last so that Ray
+    `tests` contains one test sketch matrix per checkpoint; they come last so that Ray
     resolves them from the object store (it resolves only top-level arguments).
     """
 

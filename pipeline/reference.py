@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from operators.batching import collate
+from operators.batching import iter_batches
 from operators.model import LoopedGPT, per_example_loss
 
 logger = logging.getLogger(__name__)
@@ -25,17 +25,10 @@ REFERENCE_VERSION = "0.1.1"
 
 
 def _loader(sample: Any, pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for start in range(0, len(sample.example_ids), batch_size):
-        batch = collate(
-            sample.input_ids[start : start + batch_size],
-            sample.targets[start : start + batch_size],
-            pad_id,
-        )
-        batches.append(
-            {"ids": batch.input_ids, "targets": batch.targets, "mask": batch.attention_mask}
-        )
-    return batches
+    return [
+        {"ids": batch.input_ids, "targets": batch.targets, "mask": batch.attention_mask}
+        for batch in iter_batches(sample.input_ids, sample.targets, pad_id, batch_size)
+    ]
 
 
 def reference_sdi(

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 class RunConfigMismatchError(RuntimeError):
-    """The run folder holds results of a different configuration."""
+    """The run folder contains results of a different configuration."""
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """Sketch stage (map): Ray actors stream data shards through each checkpoint.
 
-A work unit is one (checkpoint, split, shard). Its output has a fixed key, written in one
-put, and its marker is written after it; a re-run skips units whose marker matches the
-current fingerprint and redoes the rest, so a killed run resumes without duplicates.
+A work unit is one (checkpoint, split, shard). Its output has a fixed key and is written
+in one put, and its marker is written after it. A re-run skips units whose marker matches
+the current fingerprint and redoes the rest, so a killed run resumes without duplicates.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from operators.batching import collate
+from operators.batching import iter_batches
 from operators.gradients import build_layout, sketch_batch
 from operators.tasks import make_task
 from pipeline import fingerprint as fp
@@ -39,7 +39,7 @@ from pipeline.store import Store
 logger = logging.getLogger(__name__)
 
 STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
-TRAIN_TOTAL_STEP = 0  # `step` value of a train-side row that holds the sum over steps
+TRAIN_TOTAL_STEP = 0  # `step` value of a train-side row that contains the sum over steps
 FLOAT16_MAX = 65504.0
 
 
@@ -200,12 +200,9 @@ class SketchWorker:
         autocast = getattr(torch, sketch.autocast) if sketch.autocast else None
 
         parts, losses, finite = [], [], []
-        for start in range(0, len(shard), sketch.batch_size):
-            batch = collate(
-                shard.input_ids[start : start + sketch.batch_size],
-                shard.targets[start : start + sketch.batch_size],
-                self.task.pad_id,
-            ).to(self.device)
+        batches = iter_batches(shard.input_ids, shard.targets, self.task.pad_id, sketch.batch_size)
+        for batch in batches:
+            batch = batch.to(self.device)
             result = sketch_batch(
                 model,
                 body,

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from operators.batching import collate
+from operators.batching import collate, iter_batches
 from operators.capture import body_parameter_specs
 from operators.model import LoopedGPTConfig
 from operators.tasks import make_task
@@ -65,10 +65,8 @@ def evaluate(
     model.eval()
     with torch.no_grad():
         for shard in shards:
-            for start in range(0, len(shard), 256):
-                batch = collate(
-                    shard.input_ids[start : start + 256], shard.targets[start : start + 256], pad_id
-                ).to(device)
+            for batch in iter_batches(shard.input_ids, shard.targets, pad_id, 256):
+                batch = batch.to(device)
                 predictions = model(batch.input_ids, batch.attention_mask).argmax(dim=-1)
                 mask = batch.targets != IGNORE_INDEX
                 hits = (predictions == batch.targets) & mask

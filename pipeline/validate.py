@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 from omegaconf import DictConfig
 
-from operators.batching import collate
+from operators.batching import collate, iter_batches
 from operators.capture import body_parameter_specs
 from operators.gradients import sketch_batch
 from operators.model import LoopedGPT, per_example_loss
@@ -97,12 +97,7 @@ def sample_sketches(
 ) -> torch.Tensor:
     """Sketch a sample with the stage's operator; returns float64 (n, tau or 1, D)."""
     parts = []
-    for start in range(0, len(sample.example_ids), batch_size):
-        batch = collate(
-            sample.input_ids[start : start + batch_size],
-            sample.targets[start : start + batch_size],
-            pad_id,
-        )
+    for batch in iter_batches(sample.input_ids, sample.targets, pad_id, batch_size):
         result = sketch_batch(model, model.body, model.tau, batch, layout, per_step, loss_reduction)
         parts.append(result.sketches.double())
     return torch.cat(parts)

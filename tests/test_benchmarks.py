@@ -23,7 +23,7 @@ def test_micro_benchmark_writes_every_requested_section(tmp_path) -> None:
     timings = results["stage"][0]["timings"]
     assert {"plain", "floor", "stage", "stage_fft", "stage_direct"} <= set(timings)
     assert all(timing["median_s"] > 0 for timing in timings.values())
-    # The reference package is optional: it either ran or says why not.
+    # The reference package is optional: it either ran or records why not.
     assert "reference" in timings or "reference" in results["stage"][0]["not_run"]
     assert results["reduce"][0]["end_to_end_s"] > 0
     assert "### Reduce" in markdown.read_text()

@@ -131,7 +131,7 @@ def test_different_config_needs_overwrite_and_keeps_old_results(store) -> None:
     assert not store.exists(run.rel("scores", "part-00000.parquet"))
 
 
-def test_execution_settings_do_not_count_as_a_different_config(store) -> None:
+def test_execution_keys_skip_config_check(store) -> None:
     run = Run(store, "nightly")
     run.claim(load_config("configs/demo.yaml", ["run_name=nightly"]))
     run.claim(load_config("configs/demo.yaml", ["run_name=nightly", "ray.num_actors=7"]))
